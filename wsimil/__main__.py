@@ -1,0 +1,3 @@
+from wsimil.cli import main
+
+main()
