@@ -78,5 +78,27 @@ def synth(params_path: ParamsOption = Path("params.yaml")) -> None:
     typer.echo(f"wrote {len(table)} slides ({n_pos} with tumour) to {out_dir}")
 
 
+@app.command()
+def splits(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Write the patient-grouped, stratified folds every model family shares."""
+    params, root = project(params_path)
+    import pandas as pd
+
+    from wsimil.splits import SplitError, make_splits, write_splits
+
+    cfg = params.crossval
+    csv = root / cfg.cohort_csv
+    if not csv.exists():
+        fail(f"{csv}: no cohort table; run `wsimil synth` or point crossval.cohort_csv at one")
+    table = pd.read_csv(csv)
+    try:
+        doc = make_splits(table, cfg.n_folds, cfg.val_folds, cfg.seed)
+    except SplitError as exc:
+        fail(f"{csv}: {exc}")
+    write_splits(doc, root / cfg.splits_path)
+    sizes = ", ".join(f"{len(f['train'])}/{len(f['val'])}/{len(f['test'])}" for f in doc["folds"])
+    typer.echo(f"wrote {cfg.n_folds} folds (train/val/test slides: {sizes}) to {cfg.splits_path}")
+
+
 def main() -> None:
     app()

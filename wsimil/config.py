@@ -55,10 +55,25 @@ class SynthConfig(Section):
         return self
 
 
+# --- evaluation -----------------------------------------------------------------------------
+
+
+class CrossvalConfig(Section):
+    """The cross-validation protocol (SPEC §6), shared by every model family."""
+
+    cohort_csv: Path = Path("data/demo/slides.csv")
+    splits_path: Path = Path("data/splits.json")
+    n_folds: int = Field(5, ge=2)
+    val_folds: int = Field(4, ge=2, description="validation = 1/val_folds of the rest")
+    seed: int = 0
+    experiment: str = Field("wsimil-demo", min_length=1, description="MLflow experiment")
+
+
 class Params(Section):
     """The whole params.yaml. Sections absent from the file take their defaults."""
 
     synth: SynthConfig = SynthConfig()
+    crossval: CrossvalConfig = CrossvalConfig()
 
 
 # --- loading --------------------------------------------------------------------------------
