@@ -32,12 +32,42 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def project(params_path: Path) -> tuple[Params, Path]:
-    """Validate params.yaml and apply the runtime defaults; exit with one clear line if bad."""
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-S",
+        help="override a params.yaml key for this run only: KEY=VALUE, e.g. "
+        "-S model.dtfd.n_pseudo_bags=8 (DVC users: `dvc exp run -S` instead)",
+    ),
+]
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, object]:
+    """``["a.b=1", "c=[1, 2]"]`` → ``{"a.b": 1, "c": [1, 2]}`` (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--set {item!r}: expected KEY=VALUE, e.g. model.dmsmil.lam=0.5")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, Path]:
+    """Validate params.yaml (plus ``--set`` overrides) and apply the runtime defaults.
+
+    Exits with one clear line when the file, a key or a value is bad.
+    """
+    from wsimil.config import with_overrides
     from wsimil.runtime import apply_runtime_defaults
 
     try:
         params = load_params(params_path)
+        if sets:
+            params = with_overrides(params, parse_sets(sets))
     except ConfigError as exc:
         fail(str(exc))
     root = params_path.resolve().parent
@@ -79,6 +109,68 @@ def synth(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def tiles(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Select the densest 10x tiles and one 20x child each, per slide (Prefect flow)."""
+    params, root = project(params_path)
+    _run_extraction("tiles", params, root)
+
+
+@app.command()
+def features(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Embed the selected tiles into per-slide 10x/20x HDF5 feature caches (Prefect flow)."""
+    params, root = project(params_path)
+    _run_extraction("features", params, root)
+
+
+def _run_extraction(which: str, params: Params, root: Path) -> None:
+    """Run a flow of flows/extract.py; print failures; exit 1 if any slide failed."""
+    import logging
+    import os
+
+    if "PREFECT_API_URL" not in os.environ:
+        # Prefect's temporary server, stopped at exit, can log a traceback for events it is
+        # still flushing; nothing is lost that matters, so it stays quiet.
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wsimil").setLevel(logging.INFO)
+    tiles_cfg = _under_root(params.tiles, root, "slides_csv", "out_dir", "report")
+    feats_cfg = _under_root(params.features, root, "out_dir", "report")
+    for key in ("extractor", "weights"):  # a relative file name: under the project root
+        if (root / getattr(feats_cfg, key)).is_file():
+            feats_cfg = feats_cfg.model_copy(update={key: str(root / getattr(feats_cfg, key))})
+    state = _flows("extract").run(which, tiles_cfg, feats_cfg)
+    if not state.is_completed():
+        fail(state.message or f"the {which} flow did not complete")
+    outcomes = state.result()
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        typer.echo(f"error: {o.error}", err=True)
+    n = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached")}
+    report = (tiles_cfg if which == "tiles" else feats_cfg).report
+    typer.echo(
+        f"{which}: {len(outcomes)} slides, {n['done']} computed, {n['cached']} up to date, "
+        f"{len(failed)} failed; report {report}"
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+def _under_root(cfg, root: Path, *fields: str):
+    """``cfg`` with the named (relative) path fields made absolute under the project root."""
+    return cfg.model_copy(update={f: root / getattr(cfg, f) for f in fields})
+
+
+def _flows(name: str):
+    """A module of the flows/ folder beside the package (Prefect flows are not installed)."""
+    import importlib
+
+    checkout = str(Path(__file__).resolve().parents[1])
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    return importlib.import_module(f"flows.{name}")
+
+
+@app.command()
 def splits(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
     params, root = project(params_path)
@@ -98,6 +190,232 @@ def splits(params_path: ParamsOption = Path("params.yaml")) -> None:
     write_splits(doc, root / cfg.splits_path)
     sizes = ", ".join(f"{len(f['train'])}/{len(f['val'])}/{len(f['test'])}" for f in doc["folds"])
     typer.echo(f"wrote {cfg.n_folds} folds (train/val/test slides: {sizes}) to {cfg.splits_path}")
+
+
+ModelOption = Annotated[
+    str | None, typer.Option("--model", "-m", help="abmil | dtfd | damil | dmsmil")
+]
+
+
+def _family(params: Params, model: str | None) -> str:
+    from wsimil.models import MODELS
+
+    family = model or params.model.name
+    if family not in MODELS:
+        fail(f"unknown model '{family}'; choose one of {', '.join(MODELS)}")
+    return family
+
+
+def _crossval_runner(params: Params, root: Path, family: str):
+    """Load the cohort, splits and bags once; return ``run(params, **overrides)``."""
+    from wsimil.bags import CohortError, load_bags, read_cohort
+    from wsimil.cache import features_dir
+    from wsimil.crossval import model_scales, run_crossval
+    from wsimil.splits import SplitError, read_splits
+    from wsimil.tracking import dvc_out_hash
+
+    cfg = params.crossval
+    try:
+        table = read_cohort(root / cfg.cohort_csv)
+        splits_doc = read_splits(root / cfg.splits_path, table)
+    except (CohortError, SplitError) as exc:
+        fail(str(exc))
+    features_root = root / features_dir(params.features.out_dir, params.features.extractor)
+    scales = model_scales(family, params.model)
+    bags, failed = load_bags(table, features_root, scales, splits_doc["classes"])
+    for sid, why in failed.items():
+        typer.echo(f"warning: slide {sid} left out of cross-validation: {why}", err=True)
+    if len(bags) < len(table) // 2:
+        fail(
+            f"only {len(bags)} of {len(table)} slides have {'+'.join(scales)} features under "
+            f"{features_root}; run `wsimil features` (or `dvc repro`) first"
+        )
+    lineage = {
+        "data_version": dvc_out_hash(root, params.features.out_dir.as_posix()),
+        "features_dir": str(features_root.relative_to(root)),
+        "extractor": params.features.extractor,
+        "excluded_slides": ",".join(sorted(failed)) or "none",
+    }
+
+    def run(p: Params, **kwargs):
+        kwargs.setdefault("out_dir", root / cfg.out_dir / family)
+        kwargs.setdefault("n_heatmaps", cfg.n_heatmaps)
+        return run_crossval(
+            family,
+            p.model,
+            getattr(p.train, family),
+            splits_doc,
+            bags,
+            table=table,
+            cohort_dir=(root / cfg.cohort_csv).parent,
+            experiment=cfg.experiment,
+            lineage=lineage,
+            root=root,
+            lineage_files=tuple(root / f for f in ("params.yaml", "dvc.lock", cfg.splits_path)),
+            **kwargs,
+        )
+
+    return run
+
+
+def _summary_line(name: str, s: dict) -> str:
+    return (
+        f"{name}: ACC {s['acc_mean']:.3f} ± {s['acc_std']:.3f}  F1 {s['f1_mean']:.3f} ± "
+        f"{s['f1_std']:.3f}  AUC {s['auc_mean']:.3f} ± {s['auc_std']:.3f}"
+    )
+
+
+@app.command()
+def crossval(
+    model: ModelOption = None,
+    sets: SetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Cross-validate one model family on the shared folds; track it in MLflow."""
+    params, root = project(params_path, sets)
+    family = _family(params, model)
+    result = _crossval_runner(params, root, family)(params)
+    typer.echo(f"{_summary_line(family, result.summary)}  (MLflow run {result.parent_run_id})")
+
+
+@app.command()
+def tune(
+    model: ModelOption = None,
+    n_trials: Annotated[
+        int | None, typer.Option(help="this worker's study budget (default tune.n_trials)")
+    ] = None,
+    init_only: Annotated[
+        bool, typer.Option("--init-only", help="create the study, start no trial")
+    ] = False,
+    sets: SetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Optuna study over cross-validation for one model family (several workers may share it)."""
+    import os
+
+    params, root = project(params_path, sets)
+    family = _family(params, model)
+    from wsimil.tune import check_space, init_study, make_storage, run_study
+
+    cfg = params.tune
+    try:
+        check_space(params, family)
+    except ConfigError as exc:
+        fail(str(exc))
+    out_dir = root / cfg.out_dir / family
+    url = os.environ.get("WSIMIL_TUNE_STORAGE") or cfg.storage
+    storage = make_storage(url, out_dir / "journal.log")
+    study_name = cfg.study_name or f"{params.crossval.experiment}-{family}"
+    init_study(
+        storage,
+        study_name,
+        experiment=params.crossval.experiment,
+        sampler_seed=cfg.sampler_seed,
+        pruner=cfg.pruner,
+        startup=cfg.pruner_startup_trials,
+    )
+    if init_only:
+        typer.echo(f"study {study_name} ready in {url or out_dir / 'journal.log'}")
+        return
+    run = _crossval_runner(params, root, family)
+    doc = run_study(
+        family,
+        params,
+        lambda p, **kw: run(p, n_heatmaps=0, **kw),
+        storage=storage,
+        study_name=study_name,
+        out_dir=out_dir,
+        n_trials=n_trials or cfg.n_trials,
+        timeout_s=cfg.timeout_s,
+    )
+    typer.echo(
+        f"{family}: best CV AUC {doc['value']:.3f} (trial {doc['trial_number']}; "
+        f"{doc['trials']['complete']} complete, {doc['trials']['pruned']} pruned) "
+        f"params {doc['params']} -> {out_dir / 'best.json'}"
+    )
+
+
+@app.command()
+def register(model: ModelOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Register the tuned fold ensemble of one family in MLflow; gate the champion alias."""
+    import json
+
+    params, root = project(params_path)
+    family = _family(params, model)
+    from wsimil.cache import features_dir
+    from wsimil.fold_ensemble import EnsembleError, read_manifest
+    from wsimil.registry import RegistryError, serving_requirements
+    from wsimil.registry import register as publish
+    from wsimil.slide_bag import ExtractionError, recorded_extraction
+    from wsimil.tracking import dvc_out_hash, git_state
+
+    cfg = params.registry
+    source = root / cfg.source_dir / family
+    name = f"{cfg.name_prefix}{family}"
+    try:
+        doc = read_manifest(source / "best" / "models")
+        feats = root / features_dir(params.features.out_dir, params.features.extractor)
+        try:
+            extraction = recorded_extraction(feats, tuple(doc["scales"]))
+        except ExtractionError as exc:
+            if cfg.include_extractor:
+                raise
+            typer.echo(f"warning: {exc}; registering without extraction settings", err=True)
+            extraction = None
+        record = publish(
+            source / "best" / "models",
+            name,
+            experiment=params.crossval.experiment,
+            extraction=extraction,
+            serve_config=params.serve.model_dump(mode="json"),
+            requirements=serving_requirements(root / "requirements.lock"),
+            champion_margin=cfg.champion_margin,
+            lineage={
+                **git_state(root),
+                "data_version": dvc_out_hash(root, params.features.out_dir.as_posix()),
+            },
+            carry_extractor=cfg.include_extractor,
+            extra_tags=_registry_tags(source / "best.json", root / params.crossval.splits_path),
+        )
+    except (EnsembleError, ExtractionError, RegistryError) as exc:
+        fail(str(exc))
+    out = root / cfg.out_dir / f"{family}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    champ = record["champion"]
+    if champ["moved"]:
+        verdict = "takes champion"
+    elif champ["previous"] is None:
+        verdict = "no champion: its CV AUC is not a number"
+    else:
+        verdict = (
+            f"champion stays version {champ['previous']} (CV AUC "
+            f"{champ['previous_cv_auc_mean']:.3f}, margin {champ['margin']})"
+        )
+    typer.echo(
+        f"{name} version {record['version']} (CV AUC {record['cv_auc_mean']:.3f}) is challenger; "
+        f"{verdict} -> {out}"
+    )
+
+
+def _registry_tags(best_json: Path, splits_path: Path) -> dict[str, str]:
+    """Version tags from the tuning result and the folds: trial, study, slide count."""
+    import json
+
+    tags = {}
+    if best_json.is_file():
+        best = json.loads(best_json.read_text())
+        tags.update(
+            {
+                "tune_study": str(best.get("study_name")),
+                "tune_trial": str(best.get("trial_number")),
+                "tune_trial_run_id": str(best.get("mlflow_run_id")),
+            }
+        )
+    if splits_path.is_file():
+        folds = json.loads(splits_path.read_text()).get("folds", [])
+        tags["n_slides"] = str(len({s for f in folds for s in f.get("test", [])}))
+    return tags
 
 
 def main() -> None:

@@ -55,6 +55,37 @@ class SynthConfig(Section):
         return self
 
 
+class TilesConfig(Section):
+    """Density-ranked 10x tiles and their 20x children (`wsimil tiles`, SPEC §1)."""
+
+    slides_csv: Path = Path("data/demo/slides.csv")
+    out_dir: Path = Path("data/tiles")
+    report: Path = Path("reports/tiles.csv")
+    tile_px: int = Field(512, ge=16, description="tile side at 10x and at 20x (paper: 512)")
+    top_k: int = Field(200, ge=1, description="densest 10x tiles kept (paper: 200)")
+    density_threshold: int = Field(200, ge=1, le=255, description="tissue: a channel below")
+    min_density: float = Field(0.0, ge=0, lt=1, description="tiles at or below: background")
+    seed: int = Field(0, description="draws each tile's 20x child (with the slide_id)")
+    mpp_override: float | None = Field(None, gt=0, description="µm/px if a slide has none")
+    concurrent_slides: int = Field(2, ge=1, description="slides processed at once")
+
+
+class FeaturesConfig(Section):
+    """Tile embeddings → per-slide HDF5 caches (`wsimil features`, SPEC §2)."""
+
+    out_dir: Path = Path("data/features")
+    report: Path = Path("reports/features.csv")
+    extractor: str = Field("resnet101", description="table name, timm name, TorchScript file")
+    weights: str = Field("pretrained", description="pretrained | random | state-dict file")
+    allow_network: bool = Field(False, description="may download weights / hub models")
+    init_seed: int = Field(0, description="seed of `weights: random`")
+    input_px: int | None = Field(None, ge=16, description="resize tiles for the network")
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0, description="DataLoader processes reading tiles")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    concurrent_slides: int = Field(2, ge=1, description="slides in flight (one shared model)")
+
+
 # --- evaluation -----------------------------------------------------------------------------
 
 
@@ -67,13 +98,218 @@ class CrossvalConfig(Section):
     val_folds: int = Field(4, ge=2, description="validation = 1/val_folds of the rest")
     seed: int = 0
     experiment: str = Field("wsimil-demo", min_length=1, description="MLflow experiment")
+    out_dir: Path = Path("results/crossval")
+    n_heatmaps: int = Field(3, ge=0, description="heatmaps drawn per run (tumour slides)")
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+class ABMILConfig(Section):
+    """ABMIL (Ilse et al. 2018): instance MLP, gated attention pooling, linear classifier."""
+
+    hidden_dims: tuple[int, ...] = Field((512,), description="Linear+ReLU+Dropout widths")
+    attention_dim: int = Field(128, ge=1, description="D of the gated attention")
+    gated: bool = True
+    dropout: float = Field(0.25, ge=0, lt=1)
+
+
+class DTFDConfig(Section):
+    """DTFD-MIL (Zhang et al. 2022), SPEC §3."""
+
+    hidden_dims: tuple[int, ...] = Field((512,), description="dimension reduction widths")
+    attention_dim: int = Field(128, ge=1, description="D of both tiers' gated attention")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    n_pseudo_bags: int = Field(4, ge=1, description="M pseudo-bags per slide")
+    distill: Literal["maxs", "maxmins", "mas", "afs"] = "afs"
+    n_eval_repeats: int = Field(4, ge=1, description="seeded partitions averaged at eval")
+    partition_seed: int = 0
+
+
+class DMSMILConfig(Section):
+    """DMSMIL (SPEC §4); DAMIL is the same model on one scale and ignores ``ot``/``fusion``."""
+
+    dim: int = Field(512, ge=1, description="d of the per-scale projection")
+    deformable: bool = Field(True, description="off = plain projection (Tables 4-5)")
+    heads: int = Field(8, ge=1, description="M attention heads")
+    points: int = Field(4, ge=1, description="U sampling points per head")
+    offset_scale: float = Field(3.0, gt=0, description="c: |offset| <= c grid cells")
+    ot: Literal["exact", "sinkhorn", "off"] = "exact"
+    ot_features: Literal["attended", "projected"] = "attended"
+    sinkhorn_reg: float = Field(0.1, gt=0)
+    fusion: Literal["attention", "mean"] = "attention"
+    fusion_dim: int = Field(128, ge=1, description="V of the scale attention (Eq. 11)")
+    lam: float = Field(1.0, ge=0, description="λ in L = L_ot + λ·L_ce (Eq. 14)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> DMSMILConfig:
+        if self.deformable and self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class ModelConfig(Section):
+    """Which MIL model to fit, plus one sub-section per model family."""
+
+    name: Literal["abmil", "dtfd", "damil", "dmsmil"] = "dmsmil"
+    scale: Literal["10x", "20x"] = Field("20x", description="the scale single-scale models read")
+    abmil: ABMILConfig = ABMILConfig()
+    dtfd: DTFDConfig = DTFDConfig()
+    dmsmil: DMSMILConfig = DMSMILConfig()
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class TrainConfig(Section):
+    """How one model family is fitted on one split (SPEC §3-4 optimisation settings)."""
+
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["constant", "step"] = "constant"
+    step_at: float = Field(0.5, gt=0, lt=1, description="step schedule: share of epochs")
+    step_factor: float = Field(0.2, gt=0, le=1, description="step schedule: lr multiplier")
+    grad_clip: float | None = Field(None, gt=0, description="max grad norm per clip group")
+    batch_size: int = Field(1, ge=1, description="slides per step (1 in both papers)")
+    early_stopping_patience: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    standardize: bool = Field(
+        True, description="z-score instance features with the training bags' statistics"
+    )
+    cpu_threads: int | None = Field(
+        1, ge=1, description="torch threads on CPU (MIL steps are small: 1 is fastest)"
+    )
+    seed: int = 0
+
+
+class TrainSection(Section):
+    """One train config per model family, defaulting to each paper's reference setting."""
+
+    abmil: TrainConfig = TrainConfig(epochs=100, lr=1e-4, weight_decay=1e-4)
+    dtfd: TrainConfig = TrainConfig(
+        epochs=200, lr=1e-4, weight_decay=1e-4, schedule="step", grad_clip=5.0
+    )
+    dmsmil: TrainConfig = TrainConfig(epochs=120, lr=1e-4, weight_decay=1e-4)
+    damil: TrainConfig = TrainConfig(epochs=120, lr=1e-4, weight_decay=1e-4)
+
+
+# --- tuning ---------------------------------------------------------------------------------
+
+
+class SearchParam(Section):
+    """One dimension of a search space: a float or int range, or a list of choices."""
+
+    kind: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[str | int | float | bool] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> SearchParam:
+        if self.kind == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.kind} parameter needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(
+                f"empty or inverted range: low={self.low} is not below high={self.high}"
+            )
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        if self.kind == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int range needs whole-number 'low' and 'high'")
+        return self
+
+
+class TuneConfig(Section):
+    """Optuna over cross-validation (`wsimil tune --model <family>`).
+
+    ``space`` maps a family to its search space: dotted params.yaml keys (``model.dmsmil.lam``,
+    ``train.dtfd.lr``) to ranges. Keys are checked against the params before any trial runs.
+    """
+
+    n_trials: int = Field(20, ge=1, description="the study's total budget over all workers")
+    timeout_s: float | None = Field(None, gt=0, description="per worker")
+    pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
+    pruner_startup_trials: int = Field(2, ge=0, description="trials never pruned (median)")
+    storage: str | None = Field(None, description="None: journal file in out_dir; or an RDB URL")
+    study_name: str | None = Field(None, description="None: <experiment>-<family>")
+    sampler_seed: int = 0
+    out_dir: Path = Path("results/tune")
+    space: dict[str, dict[str, SearchParam]] = {}
+
+
+# --- registry and serving -------------------------------------------------------------------
+
+
+class RegistryConfig(Section):
+    """Publish a tuned fold ensemble to the MLflow registry (`wsimil register --model <family>`).
+
+    The source is ``<source_dir>/<family>/best/models`` (written by ``wsimil tune``); the
+    registered model is ``<name_prefix><family>``. Every new version gets the alias
+    ``challenger``; ``champion`` moves to it only when its CV AUC exceeds the champion's by
+    more than ``champion_margin``.
+    """
+
+    source_dir: Path = Path("results/tune")
+    name_prefix: str = Field("wsimil-", min_length=1)
+    champion_margin: float = Field(0.0, ge=0, description="CV AUC gain needed to take champion")
+    out_dir: Path = Path("results/register")
+    include_extractor: bool = Field(True, description="carry extractor weights: slide input")
+
+
+class ServeConfig(Section):
+    """What the served model accepts; baked into each version at registration (model_config)."""
+
+    max_instances: int = Field(20000, ge=1, description="per bag and scale; more is a 400")
+    max_bags: int = Field(64, ge=1, description="bags per request")
+    top_instances: int = Field(10, ge=0, description="top instance scores returned per scale")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_grid_cells: int = Field(1_000_000, ge=1, description="tile-grid extent of one bag")
+    slide_batch_size: int = Field(32, ge=1, description="tiles per batch for slide-path input")
 
 
 class Params(Section):
     """The whole params.yaml. Sections absent from the file take their defaults."""
 
     synth: SynthConfig = SynthConfig()
+    tiles: TilesConfig = TilesConfig()
+    features: FeaturesConfig = FeaturesConfig()
     crossval: CrossvalConfig = CrossvalConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainSection = TrainSection()
+    tune: TuneConfig = TuneConfig()
+    registry: RegistryConfig = RegistryConfig()  # `register` would shadow ABC.register
+    serve: ServeConfig = ServeConfig()
+
+
+def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
+    """A copy of ``params`` with dotted keys replaced (``{"model.dmsmil.lam": 0.5}``).
+
+    The result is validated like params.yaml itself, so an unknown key or a bad value
+    raises :class:`ConfigError` naming it.
+    """
+    tree = params.model_dump(mode="json")
+    for key, value in overrides.items():
+        node, parts = tree, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown parameter '{key}' (no section '{part}')")
+            node = node[part]
+        if parts[-1] not in node:
+            close = difflib.get_close_matches(parts[-1], list(node), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown parameter '{key}'{hint}")
+        node[parts[-1]] = value
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, Path("overrides"))) from None
 
 
 # --- loading --------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Prefect flows: thin orchestration (fan-out, retries, reports) over wsimil functions."""

@@ -1,0 +1,58 @@
+"""Serve every wsimil flow as a Prefect deployment, so the Prefect UI can start them.
+
+    prefect server start --host 127.0.0.1          # in one shell (UI: http://127.0.0.1:4200)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python flows/serve.py                          # in another, from the project folder
+
+The extraction deployments default to the tiles/features sections of params.yaml (read
+through the CLI's loader, with paths made absolute), so pressing Run does what `dvc repro`
+would; every parameter can be changed in the form.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deployments(params_path: Path = ROOT / "params.yaml") -> list:
+    """One deployment per flow, tagged ``wsimil``."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from flows.extract import extract_features, select_tiles
+    from flows.train import crossval_flow, pipeline_flow, register_flow, tune_flow
+    from wsimil.cli import project
+
+    params, root = project(params_path)
+    tiles = params.tiles.model_copy(
+        update={k: root / getattr(params.tiles, k) for k in ("slides_csv", "out_dir", "report")}
+    )
+    feats = params.features.model_copy(
+        update={k: root / getattr(params.features, k) for k in ("out_dir", "report")}
+    )
+    here = {"project": str(root)}
+    return [
+        select_tiles.to_deployment(
+            "wsimil-tiles", parameters={"tiles": tiles.model_dump(mode="json")}, tags=["wsimil"]
+        ),
+        extract_features.to_deployment(
+            "wsimil-features",
+            parameters={
+                "tiles": tiles.model_dump(mode="json"),
+                "features": feats.model_dump(mode="json"),
+            },
+            tags=["wsimil"],
+        ),
+        crossval_flow.to_deployment("wsimil-crossval", parameters=here, tags=["wsimil"]),
+        tune_flow.to_deployment("wsimil-tune", parameters=here, tags=["wsimil"]),
+        register_flow.to_deployment("wsimil-register", parameters=here, tags=["wsimil"]),
+        pipeline_flow.to_deployment("wsimil-pipeline", parameters=here, tags=["wsimil"]),
+    ]
+
+
+if __name__ == "__main__":
+    from prefect import serve
+
+    serve(*deployments())

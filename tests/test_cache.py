@@ -1,0 +1,138 @@
+"""The HDF5 cache contract: atomic writes, provenance matching, and one reader for
+wsimil, CLAM and TRIDENT bags."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from wsimil import cache
+from wsimil.cache import (
+    BagError,
+    bag_path,
+    extractor_tag,
+    features_dir,
+    matches,
+    read_bag,
+    read_pair,
+    write_h5,
+)
+
+
+def test_write_then_match_and_mismatch(tmp_path):
+    path = tmp_path / "a" / "s.h5"
+    attrs = {"slide_id": "s", "mpp": 0.499, "top_k": 200, "fewer": False, "extra": None}
+    write_h5(path, {"features": np.ones((3, 4), np.float32)}, attrs)
+    assert matches(path, attrs)
+    assert matches(path, {"slide_id": "s", "top_k": 200})  # a subset is enough
+    assert not matches(path, {**attrs, "top_k": 199})
+    assert not matches(path, {**attrs, "new_key": 1})
+    assert not matches(tmp_path / "missing.h5", attrs)
+    path.write_bytes(b"not an hdf5 file")
+    assert not matches(path, attrs)  # unreadable counts as stale, never as an error
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    write_h5(path, {"features": np.zeros((2, 2), np.float32)}, {"version": 1})
+    before = path.read_bytes()
+
+    class BoomError(RuntimeError):
+        pass
+
+    def explode(self, name, **kw):
+        raise BoomError("killed mid-write")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", explode)
+    with pytest.raises(BoomError):
+        write_h5(path, {"features": np.ones((2, 2), np.float32)}, {"version": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+    with pytest.raises(BoomError):
+        write_h5(tmp_path / "new.h5", {"features": np.ones(1)}, {})
+    assert not (tmp_path / "new.h5").exists()
+
+
+def _clam_file(path, coords, **coord_attrs):
+    with h5py.File(path, "w") as f:
+        f["features"] = np.arange(len(coords) * 3, dtype=np.float16).reshape(len(coords), 3)
+        f["coords"] = np.asarray(coords, np.int32)
+        f["coords"].attrs.update(coord_attrs)
+
+
+def test_reads_a_clam_bag_and_derives_the_grid(tmp_path):
+    path = tmp_path / "clam.h5"
+    _clam_file(path, [[512, 1024], [1024, 1024], [2048, 512]], patch_size=256, patch_level=1,
+               downsample=np.array([2.0, 2.0]))  # fmt: skip
+    bag = read_bag(path)
+    assert bag.features.dtype == np.float32 and bag.features.shape == (3, 3)
+    assert bag.coords.dtype == np.int64
+    assert bag.tile_size_level0 == 512
+    np.testing.assert_array_equal(bag.grid, [[1, 2], [2, 2], [4, 1]])
+    assert bag.parent_index is None and bag.attrs["patch_size"] == 256
+
+
+def test_reads_a_trident_bag_and_falls_back_to_coordinate_spacing(tmp_path):
+    trident = tmp_path / "trident.h5"
+    _clam_file(trident, [[0, 0], [448, 0], [448, 448]], patch_size_level0=448)
+    np.testing.assert_array_equal(read_bag(trident).grid, [[0, 0], [1, 0], [1, 1]])
+    bare = tmp_path / "bare.h5"
+    _clam_file(bare, [[100, 300], [400, 300], [700, 600]])  # spacing 300, no attributes
+    bag = read_bag(bare)
+    assert bag.tile_size_level0 == 300
+    np.testing.assert_array_equal(bag.grid, [[0, 1], [1, 1], [2, 2]])
+    assert read_bag(bare, tile_size_level0=100).grid.tolist()[0] == [1, 3]
+
+
+def test_squeezes_a_leading_batch_axis(tmp_path):
+    path = tmp_path / "b.h5"
+    with h5py.File(path, "w") as f:
+        f["features"] = np.ones((1, 4, 8), np.float32)
+        f["coords"] = np.zeros((4, 2), np.int64)
+    assert read_bag(path).features.shape == (4, 8)
+
+
+def test_bad_files_raise_bag_errors_naming_the_file(tmp_path):
+    with pytest.raises(BagError, match="cannot open"):
+        read_bag(tmp_path / "missing.h5")
+    path = tmp_path / "nofeat.h5"
+    with h5py.File(path, "w") as f:
+        f["coords"] = np.zeros((2, 2))
+    with pytest.raises(BagError, match=r"nofeat.h5: no 'features' dataset"):
+        read_bag(path)
+
+
+def _pair(root, parent):
+    n = len(parent)
+    for scale in ("10x", "20x"):
+        data = {"features": np.ones((n, 2), np.float32), "coords": np.zeros((n, 2), np.int64)}
+        data["grid"] = np.zeros((n, 2), np.int64)
+        if scale == "20x":
+            data["parent_index"] = np.asarray(parent, np.int64)
+        write_h5(bag_path(root, "s", scale), data, {"tile_size_level0": 256.0})
+
+
+def test_read_pair_checks_the_parent_index(tmp_path):
+    _pair(tmp_path, [0, 1, 2])
+    b10, b20 = read_pair(tmp_path, "s")
+    assert len(b10) == len(b20) == 3 and b20.parent_index.tolist() == [0, 1, 2]
+    _pair(tmp_path, [0, 1, 3])
+    with pytest.raises(BagError, match="parent_index does not index the 3 10x tiles"):
+        read_pair(tmp_path, "s")
+    with pytest.raises(BagError, match="cannot open"):
+        read_pair(tmp_path, "other")
+
+
+def test_feature_folders_are_named_after_the_extractor(tmp_path):
+    assert extractor_tag("resnet101") == "resnet101"
+    assert extractor_tag("models/uni.pt") == "uni"
+    assert extractor_tag("hf-hub:MahmoodLab/UNI") == "hf-hub_MahmoodLab_UNI"
+    assert features_dir(tmp_path, "resnet18") == tmp_path / "resnet18"
+    assert bag_path(tmp_path, "s1", "20x") == tmp_path / "20x" / "s1.h5"
+
+
+def test_source_version_follows_the_code():
+    v = cache.source_version("wsimil.tiles")
+    assert v.startswith("0.") and "+" in v
+    assert v != cache.source_version("wsimil.tiles", "wsimil.slide")

@@ -1,0 +1,85 @@
+"""A cross-validation run is recorded in MLflow with its lineage, and read back."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from test_train import SMALL, make_bags
+
+from wsimil.config import TrainConfig
+from wsimil.crossval import run_crossval
+from wsimil.splits import make_splits
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def test_crossval_run_is_tracked_with_lineage(tmp_path, tracking, repo_root):
+    bags = make_bags(24, 1, seed=5)
+    table = pd.DataFrame(
+        {
+            "slide_id": [b.slide_id for b in bags],
+            "patient_id": [f"p{i // 4}-{i % 2}" for i in range(len(bags))],  # 2 slides each
+            "label": ["tumour" if b.label else "normal" for b in bags],
+        }
+    )
+    bags = {b.slide_id: b for b in bags}
+    splits = make_splits(table, n_folds=3, val_folds=3, seed=0)
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    out = tmp_path / "results" / "abmil"
+    cv = run_crossval(
+        "abmil",
+        SMALL,
+        TrainConfig(epochs=3, lr=1e-3, seed=1, device="cpu"),
+        splits,
+        bags,
+        table=table,
+        cohort_dir=tmp_path,
+        out_dir=out,
+        experiment="test-exp",
+        lineage={"data_version": "abc123"},
+        root=repo_root,
+        lineage_files=(tmp_path / "splits.json",),
+    )
+    client = tracking
+    parent = client.get_run(cv.parent_run_id)
+    tags = parent.data.tags
+    assert tags["model_family"] == "abmil" and tags["data_version"] == "abc123"
+    assert tags["seed"] == "1" and tags["git_dirty"] in {"true", "false"}
+    assert len(tags["git_commit"]) == 40
+    for m in ("acc", "f1", "auc"):
+        assert f"cv_{m}_mean" in parent.data.metrics and f"cv_{m}_std" in parent.data.metrics
+    assert parent.data.params["train.epochs"] == "3"
+    assert parent.data.params["model.attention_dim"] == "16"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(r.data.tags["fold"] for r in children) == ["0", "1", "2"]
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_auc")
+        assert len(history) == 3 and "test_auc" in child.data.metrics
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "crossval")}
+    for name in ("report", "roc.csv", "loss.csv", "metrics.json", "models"):
+        assert f"crossval/{name}" in arts
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "crossval/report")}
+    for name in ("predictions.csv", "roc.png", "confusion.png"):
+        assert f"crossval/report/{name}" in report
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "lineage")} == {
+        "lineage/splits.json"
+    }
+    # The DVC-facing outputs.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["auc_mean"] == pytest.approx(parent.data.metrics["cv_auc_mean"])
+    assert len(pd.read_csv(out / "report" / "predictions.csv")) == len(table)
+    assert (out / "models" / "fold2.safetensors").exists()
+    assert list(pd.read_csv(out / "loss.csv").columns[:3]) == ["epoch", "train_loss", "val_loss"]

@@ -1,0 +1,224 @@
+"""DMSMIL / DAMIL: deformable sampling, occupancy, optimal transport, λ, ablation switches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from wsimil.config import DMSMILConfig
+from wsimil.models import Bags, collate
+from wsimil.models.damil import DAMIL
+from wsimil.models.deformable import DeformableGridAttention
+from wsimil.models.dmsmil import DMSMIL
+from wsimil.models.transport import batch_wasserstein1
+
+
+def attention(dim=8, heads=2, points=1, c=2.0) -> DeformableGridAttention:
+    torch.manual_seed(0)
+    return DeformableGridAttention(dim, heads, points, c)
+
+
+def fixed_offset(module: DeformableGridAttention, dx: float, dy: float) -> None:
+    """Every query, head and point samples at r_q + (dx, dy)."""
+    c = module.offset_scale
+    with torch.no_grad():
+        module.sampling_offsets.weight.zero_()
+        bias = torch.tensor([dx, dy]).repeat(module.heads * module.points)
+        module.sampling_offsets.bias.copy_(torch.atanh(bias / c))
+
+
+def own_value(module: DeformableGridAttention, x: torch.Tensor) -> torch.Tensor:
+    return module.output(module.value(x))  # Σ_m W_m W'_m x_q
+
+
+def test_zero_offsets_with_one_point_return_the_query_cells_own_value():
+    module = attention(points=1)
+    fixed_offset(module, 0.0, 0.0)
+    x = torch.randn(1, 6, 8)
+    grid = torch.tensor([[[0, 0], [3, 0], [1, 2], [4, 4], [2, 1], [0, 4]]])
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    out = module(x, grid, mask).out
+    torch.testing.assert_close(out, own_value(module, x), atol=1e-5, rtol=1e-5)
+
+
+def test_offsets_are_bounded_by_c():
+    module = attention(points=4, c=1.5)
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(std=100.0)
+    x = torch.randn(2, 30, 8)
+    grid = torch.stack([torch.arange(30) % 6, torch.arange(30) // 6], -1).expand(2, 30, 2)
+    offsets = module(x, grid, torch.ones(2, 30, dtype=torch.bool)).offsets
+    assert offsets.abs().max() <= 1.5
+    assert offsets.abs().max() > 1.4, "the bound is reached, so the test is not vacuous"
+
+
+def test_empty_cells_get_no_weight():
+    """Half-way between an occupied and an empty cell is the occupied cell's value alone."""
+    module = attention(points=1)
+    x = torch.randn(1, 2, 8)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    fixed_offset(module, 0.5, 0.0)
+    hole = torch.tensor([[[0, 0], [2, 0]]])  # cell (1, 0) is empty
+    out = module(x, hole, mask).out
+    torch.testing.assert_close(out[0, 0], own_value(module, x)[0, 0], atol=1e-5, rtol=1e-5)
+    touching = torch.tensor([[[0, 0], [1, 0]]])  # now (1, 0) holds instance 1
+    out = module(x, touching, mask).out
+    v = module.value(x)[0]
+    torch.testing.assert_close(out[0, 0], module.output((v[0] + v[1]) / 2), atol=1e-5, rtol=1e-5)
+    fixed_offset(module, 1.0, 0.0)  # exactly on the empty cell: nothing to attend to
+    out = module(x, hole, mask).out
+    torch.testing.assert_close(out[0, 0], module.output.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_rows_are_not_on_the_grid():
+    module = attention(points=2)
+    fixed_offset(module, 1.0, 0.0)
+    x = torch.randn(1, 3, 8)
+    grid = torch.tensor([[[0, 0], [5, 5], [1, 0]]])
+    alone = module(x[:, :2], grid[:, :2], torch.ones(1, 2, dtype=torch.bool)).out
+    padded = module(x, grid, torch.tensor([[True, True, False]])).out
+    torch.testing.assert_close(alone, padded[:, :2], atol=1e-5, rtol=1e-5)
+
+
+def numpy_emd(p: np.ndarray, q: np.ndarray) -> float:
+    cost = ot.dist(p.astype(np.float64), q.astype(np.float64), metric="euclidean")
+    return float(ot.emd2(ot.unif(len(p)), ot.unif(len(q)), cost))
+
+
+def test_ot_term_equals_pot_exact_and_has_a_gradient():
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(2, 9, 4, generator=gen, requires_grad=True)
+    x2 = torch.randn(2, 7, 4, generator=gen)
+    m1 = torch.ones(2, 9, dtype=torch.bool)
+    m2 = torch.ones(2, 7, dtype=torch.bool)
+    m1[1, 6:] = False
+    d = batch_wasserstein1(x1, x2, m1, m2)
+    for b in range(2):
+        expected = numpy_emd(x1[b][m1[b]].detach().numpy(), x2[b][m2[b]].numpy())
+        assert abs(float(d[b].detach()) - expected) < 1e-5
+    d.sum().backward()
+    grad = x1.grad
+    assert torch.isfinite(grad).all() and grad[0].abs().sum() > 0
+    assert torch.all(grad[1, 6:] == 0), "padding gets no transport"
+    v = torch.randn(2, 9, 4, generator=gen)  # directional finite difference
+    eps = 1e-3
+    with torch.no_grad():
+        plus = batch_wasserstein1(x1 + eps * v, x2, m1, m2).sum()
+        minus = batch_wasserstein1(x1 - eps * v, x2, m1, m2).sum()
+    assert abs(float((plus - minus) / (2 * eps)) - float((grad * v).sum())) < 1e-2
+
+
+def test_sinkhorn_option_is_an_upper_bound_close_to_exact():
+    gen = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(1, 8, 3, generator=gen), torch.randn(1, 8, 3, generator=gen)
+    m = torch.ones(1, 8, dtype=torch.bool)
+    exact = float(batch_wasserstein1(x1, x2, m, m))
+    soft = float(batch_wasserstein1(x1, x2, m, m, method="sinkhorn", reg=0.01))
+    assert exact - 1e-4 <= soft <= exact * 1.05
+
+
+def two_scale_bags(seed: int = 0) -> Bags:
+    gen = torch.Generator().manual_seed(seed)
+    feats, grids = [], []
+    for n in (6, 9):
+        fs, gs = [], []
+        for _ in range(2):
+            fs.append(torch.randn(n, 5, generator=gen))
+            cells = torch.randperm(2 * n, generator=gen)[:n]
+            gs.append(torch.stack([cells % 4, cells // 4], -1))
+        feats.append(fs)
+        grids.append(gs)
+    return collate(feats, grids)
+
+
+def dmsmil(**kw) -> DMSMIL:
+    torch.manual_seed(0)
+    cfg = DMSMILConfig(**{"dim": 8, "heads": 2, "points": 2, "fusion_dim": 4, **kw})
+    return DMSMIL(cfg, [5, 5], 2)
+
+
+@pytest.mark.parametrize("features", ["attended", "projected"])
+def test_model_ot_term_is_pot_exact_on_its_embeddings_and_trains_them(features):
+    model = dmsmil(lam=0.0, ot_features=features)
+    bags = two_scale_bags()
+    out = model(bags)
+    for b in range(2):
+        p = out.aux["ot_points0"][b][bags.mask[0][b]].detach().numpy()
+        q = out.aux["ot_points1"][b][bags.mask[1][b]].detach().numpy()
+        assert abs(float(out.aux["ot_distance"][b]) - numpy_emd(p, q)) < 1e-5
+    total, parts = model.loss(out, torch.tensor([0, 1]))
+    assert abs(float(total) - parts["ot"]) < 1e-6  # λ = 0: the loss is L_ot alone
+    total.backward()
+    assert model.project[0][0].weight.grad.abs().sum() > 0
+    assert model.project[1][0].weight.grad.abs().sum() > 0
+
+
+def test_lambda_scales_the_cross_entropy_term():
+    bags, y = two_scale_bags(), torch.tensor([1, 0])
+    one, three = dmsmil(lam=1.0), dmsmil(lam=3.0)
+    out1, out3 = one(bags), three(bags)
+    total1, parts1 = one.loss(out1, y)
+    total3, parts3 = three.loss(out3, y)
+    assert parts1 == pytest.approx(parts3)
+    assert float(total1) == pytest.approx(parts1["ot"] + parts1["ce"], rel=1e-6)
+    assert float(total3 - total1) == pytest.approx(2 * parts1["ce"], rel=1e-5)
+
+
+def test_contributions_add_up_to_the_logit_margin():
+    model = dmsmil()
+    out = model(two_scale_bags())
+    margin = out.logits[:, 1] - out.logits[:, 0]
+    bias = model.classifier.bias[1] - model.classifier.bias[0]
+    total = sum(c.sum(-1) for c in out.scores["contribution"]) + bias
+    torch.testing.assert_close(total, margin, atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_switches():
+    bags, y = two_scale_bags(), torch.tensor([0, 1])
+    plain = dmsmil(deformable=False, ot="off", fusion="mean")
+    assert plain.intra is None and plain.fusion is None
+    out = plain(bags)
+    assert "ot_distance" not in out.aux and set(plain.loss(out, y)[1]) == {"ce"}
+    torch.testing.assert_close(out.aux["scale_weights"], torch.full((2, 2), 0.5))
+    with torch.no_grad():  # deformable off: mean of the projections, then the classifier
+        pooled = [
+            (plain.project[s](bags.x[s]) * bags.mask[s][..., None]).sum(1)
+            / bags.mask[s].sum(1, keepdim=True)
+            for s in range(2)
+        ]
+        expected = plain.classifier((pooled[0] + pooled[1]) / 2)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    assert "ot_distance" in dmsmil(ot="exact")(bags).aux
+    weights = dmsmil(fusion="attention")(bags).aux["scale_weights"]
+    assert not torch.allclose(weights, torch.full((2, 2), 0.5))
+
+
+def test_damil_is_single_scale_without_ot():
+    torch.manual_seed(0)
+    model = DAMIL(DMSMILConfig(dim=8, heads=2, points=2), [5], 3)
+    bags = collate(
+        [[torch.randn(7, 5)]],
+        [[torch.stack([torch.arange(7), torch.zeros(7, dtype=torch.long)], -1)]],
+    )
+    out = model(bags)
+    assert out.logits.shape == (1, 3) and "ot_distance" not in out.aux
+
+
+def test_deformable_attention_without_grid_is_a_clear_error():
+    model = dmsmil()
+    bags = two_scale_bags()
+    with pytest.raises(ValueError, match="grid positions"):
+        model(Bags(bags.x, bags.mask, None))
+
+
+def test_direction_init_spreads_points_within_c():
+    module = attention(heads=4, points=3, c=3.0)
+    target = module.offset_scale * torch.tanh(module.sampling_offsets.bias).view(4, 3, 2)
+    radius = target.abs().amax(-1)  # (M, U) on the unit square
+    assert torch.allclose(radius, torch.tensor([0.75, 1.5, 2.25]).expand(4, 3), atol=1e-5)
+    angles = {round(math.atan2(float(t[0, 1]), float(t[0, 0])), 3) for t in target}
+    assert len(angles) == 4

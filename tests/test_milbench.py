@@ -1,0 +1,54 @@
+"""The JLD loader decodes the published benchmark files (counts from SOURCE.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsimil.milbench import DATASETS, load_jld
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/mil-benchmarks-midatasets-jl"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
+
+# dataset: bags, positive bags, instances, features (SOURCE.md, "Contents (checked)")
+COUNTS = {
+    "Musk1": (92, 47, 476, 166),
+    "Fox": (200, 100, 1320, 230),
+    "Tiger": (200, 100, 1220, 230),
+    "Elephant": (200, 100, 1391, 230),
+}
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_counts_and_splits(name):
+    bench = load_jld(DATA / f"{name}.jld")
+    n_bags, n_pos, n_inst, n_feat = COUNTS[name]
+    assert len(bench.bags) == n_bags and int(bench.labels.sum()) == n_pos
+    assert bench.n_instances == n_inst and bench.n_features == n_feat
+    assert bench.train_masks.shape == (5, 10, n_bags)
+    test_counts = (~bench.train_masks).sum(axis=1)  # (5, n_bags)
+    assert np.all(test_counts == 1), "each bag is tested exactly once per repetition"
+    for _, _, train, test in bench.splits():
+        assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == n_bags
+        if name != "Musk1":  # stratified: 20 test bags, 10 positive
+            assert len(test) == 20 and bench.labels[test].sum() == 10
+
+
+def test_musk1_is_not_transposed_and_keeps_raw_values():
+    bench = load_jld(DATA / "Musk1.jld")
+    assert bench.bags[0].shape == (4, 166)  # Julia stores (features, instances)
+    assert bench.bags[0][0, :3].tolist() == [42.0, -198.0, -109.0]  # UCI clean1.data row 1
+
+
+def test_a_file_that_is_not_jld_is_a_clear_error(tmp_path):
+    import h5py
+
+    bad = tmp_path / "Bad.jld"
+    with h5py.File(bad, "w") as f:
+        f["X"] = np.zeros(3)
+    with pytest.raises(ValueError, match="no dataset y, folds"):
+        load_jld(bad)
+    with pytest.raises(FileNotFoundError, match="Nope.jld"):
+        load_jld(tmp_path / "Nope.jld")

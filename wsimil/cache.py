@@ -1,0 +1,236 @@
+"""The feature cache: one HDF5 file per slide and scale (the contract other stages rely on).
+
+Layout, compatible with CLAM and TRIDENT readers::
+
+    <features_dir>/10x/<slide_id>.h5 and <features_dir>/20x/<slide_id>.h5
+      features      (N, D) float32   one row per tile
+      coords        (N, 2) int64     level-0 (x, y) top-left; attrs patch_size,
+                                     patch_size_level0, target_magnification (TRIDENT names)
+      grid          (N, 2) int64     (col, row) of the tile in the scale's tile grid
+      parent_index  (N,)   int64     20× only: row of the 10× parent tile
+      density       (N,)   float32   10× only: share of non-white pixels
+      attrs: slide_id, slide_path, scale, mpp, tile_px, top_k, density_threshold, seed,
+             extractor, weights, weights_sha256, code_version, ... (see wsimil.features)
+
+Files are written under a temporary name and renamed, so an interrupted run leaves either
+the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TRIDENT
+(``features`` + ``coords``), deriving ``grid`` from the coordinates and tile size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SCALE_NAMES = ("10x", "20x")
+
+
+# --- writing and comparing ------------------------------------------------------------------
+
+
+def write_h5(
+    path: Path,
+    datasets: dict[str, np.ndarray],
+    attrs: dict,
+    dataset_attrs: dict[str, dict] | None = None,
+) -> None:
+    """Write datasets and file attributes to ``path`` atomically (temporary name, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, value in datasets.items():
+                f.create_dataset(name, data=value)
+            for name, extra in (dataset_attrs or {}).items():
+                f[name].attrs.update(_h5_safe(extra))
+            f.attrs.update(_h5_safe(attrs))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_h5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """All top-level datasets and the file attributes of an HDF5 file."""
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset)}
+        return data, _plain(f.attrs)
+
+
+def read_attrs(path: Path) -> dict | None:
+    """The file attributes, or None when the file is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return _plain(f.attrs)
+    except (OSError, KeyError):
+        return None
+
+
+def matches(path: Path, expected: dict) -> bool:
+    """True when ``path`` exists and carries every ``expected`` attribute with equal value."""
+    attrs = read_attrs(path)
+    if attrs is None:
+        return False
+    return all(k in attrs and attrs[k] == v for k, v in _plain(expected).items())
+
+
+def _h5_safe(attrs: dict) -> dict:
+    """HDF5-storable values: None becomes 'none', str subclasses plain str."""
+    return {
+        k: "none" if v is None else str(v) if isinstance(v, str) else v for k, v in attrs.items()
+    }
+
+
+def _plain(attrs) -> dict:
+    """Attributes as plain Python values (str, int, float, bool, lists) for comparison."""
+    out = {}
+    for key, value in dict(attrs).items():
+        if value is None:
+            value = "none"
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+@cache
+def source_version(*modules: str) -> str:
+    """``<package version>+<12 hex of the sources of modules>``: the code that made a cache."""
+    from wsimil import __version__
+
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+def extractor_tag(extractor: str) -> str:
+    """A folder name for an extractor: its name, or a file's stem, made path-safe."""
+    tag = Path(extractor).stem if Path(extractor).suffix in {".pt", ".pth", ".ts"} else extractor
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
+
+
+def features_dir(out_dir: Path, extractor: str) -> Path:
+    """``<out_dir>/<extractor tag>``: where one extractor's bags live."""
+    return Path(out_dir) / extractor_tag(extractor)
+
+
+def bag_path(features_root: Path, slide_id: str, scale: str) -> Path:
+    """``<features_root>/<scale>/<slide_id>.h5``."""
+    return Path(features_root) / scale / f"{slide_id}.h5"
+
+
+# --- reading bags ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bag:
+    """One slide's instances at one scale.
+
+    Attributes:
+        features: (N, D) float32.
+        coords: (N, 2) int64 level-0 (x, y) top-left.
+        grid: (N, 2) int64 (col, row) in the scale's tile grid.
+        tile_size_level0: tile side in level-0 pixels.
+        parent_index: (N,) int64 row of the 10× parent (20× wsimil bags), else None.
+        attrs: file attributes (for foreign files, merged with the coords attributes).
+        path: the file.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    grid: np.ndarray
+    tile_size_level0: float
+    parent_index: np.ndarray | None
+    attrs: dict
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class BagError(Exception):
+    """A feature file that does not follow the contract; the message names the file."""
+
+
+def read_bag(path: Path, *, tile_size_level0: float | None = None) -> Bag:
+    """Read a wsimil, CLAM or TRIDENT feature file.
+
+    Args:
+        path: an HDF5 file with ``features`` (N, D) and ``coords`` (N, 2).
+        tile_size_level0: tile side in level-0 pixels, used to derive ``grid`` when the file
+            has no ``grid`` dataset; by default read from the attributes (wsimil
+            ``tile_size_level0``, TRIDENT ``patch_size_level0``, CLAM ``patch_size`` ×
+            ``downsample``) or, failing those, the smallest spacing between coordinates.
+
+    Raises:
+        BagError: the file is missing or lacks ``features``/``coords``.
+    """
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise BagError(f"{path}: cannot open feature file ({exc})") from None
+    with f:
+        for name in ("features", "coords"):
+            if name not in f:
+                raise BagError(f"{path}: no '{name}' dataset; not a feature bag")
+        features = np.asarray(f["features"][()], dtype=np.float32)
+        if features.ndim == 3 and features.shape[0] == 1:  # some tools save (1, N, D)
+            features = features[0]
+        coords = np.asarray(f["coords"][()]).reshape(-1, 2).astype(np.int64)
+        attrs = {**_plain(f["coords"].attrs), **_plain(f.attrs)}
+        grid = np.asarray(f["grid"][()], dtype=np.int64) if "grid" in f else None
+        parent = np.asarray(f["parent_index"][()], dtype=np.int64) if "parent_index" in f else None
+    if features.ndim != 2 or len(features) != len(coords):
+        raise BagError(f"{path}: features {features.shape} do not match coords {coords.shape}")
+    size = tile_size_level0 or _tile_size_from(attrs, coords)
+    if grid is None:
+        grid = np.rint(coords / size).astype(np.int64) if size else np.zeros_like(coords)
+    return Bag(features, coords, grid, float(size or 0.0), parent, attrs, path)
+
+
+def _tile_size_from(attrs: dict, coords: np.ndarray) -> float | None:
+    """Tile side in level-0 px from wsimil, TRIDENT or CLAM attributes, else coord spacing."""
+    if "tile_size_level0" in attrs:
+        return float(attrs["tile_size_level0"])
+    if "patch_size_level0" in attrs:
+        return float(attrs["patch_size_level0"])
+    if "patch_size" in attrs:
+        downsample = np.atleast_1d(attrs.get("downsample", 1.0))[0]
+        return float(attrs["patch_size"]) * float(downsample)
+    steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
+    steps = np.concatenate([s[s > 0] for s in steps])
+    return float(steps.min()) if len(steps) else None
+
+
+def read_pair(features_root: Path, slide_id: str) -> tuple[Bag, Bag]:
+    """The 10× and 20× bags of a slide, checked to pair up (one child per parent).
+
+    Raises:
+        BagError: a file is missing or the two do not pair.
+    """
+    bag10, bag20 = (read_bag(bag_path(features_root, slide_id, s)) for s in SCALE_NAMES)
+    parent = bag20.parent_index
+    if parent is None:
+        raise BagError(f"{bag20.path}: no 'parent_index'; cannot pair it with {bag10.path}")
+    if len(parent) != len(bag20) or (
+        len(parent) and not 0 <= parent.min() <= parent.max() < len(bag10)
+    ):
+        raise BagError(f"{bag20.path}: parent_index does not index the {len(bag10)} 10x tiles")
+    return bag10, bag20

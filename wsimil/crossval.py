@@ -1,0 +1,362 @@
+"""k-fold cross-validation of one model family, tracked in MLflow (SPEC §6).
+
+Per fold: fit on ``train``, pick the best epoch and the decision threshold on ``val``, score
+``test`` (the held-out patients). The parent MLflow run holds ``cv_<metric>_mean/std``,
+the pooled predictions, ROC and confusion images, heatmaps and lineage; one nested run per
+fold holds its per-epoch curves and final metrics. The fold models are kept (state dicts
+in safetensors + a JSON config): together they are the fold ensemble that ``register``
+publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from wsimil.config import ModelConfig, TrainConfig
+from wsimil.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
+from wsimil.metrics import choose_threshold, predict_labels, slide_metrics, summarize
+from wsimil.models import MODELS, build_model
+from wsimil.tracking import flatten, git_state
+from wsimil.train import SlideBag, fit, predict, resolve_device
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    metrics: dict  # on the fold's test slides
+    val_metrics: dict
+    threshold: float | None
+    best_epoch: int
+    predictions: pd.DataFrame
+    history: list[dict]
+    state_dict: dict
+    scores: dict[str, dict[str, tuple[np.ndarray, ...]]] = field(default_factory=dict)
+
+
+@dataclass
+class CVResult:
+    family: str
+    folds: list[FoldResult]
+    summary: dict
+    classes: list[str]
+    in_dims: tuple[int, ...]
+    parent_run_id: str | None = None
+    stopped: bool = False
+
+
+def family_config(model_cfg: ModelConfig, family: str):
+    """The sub-section of ``model`` a family reads (DAMIL shares DMSMIL's)."""
+    return getattr(model_cfg, "dmsmil" if family == "damil" else family)
+
+
+def model_scales(family: str, model_cfg: ModelConfig) -> tuple[str, ...]:
+    """The cache scales a family reads: DMSMIL (10x, 20x); the others ``model.scale``."""
+    return ("10x", "20x") if MODELS[family].n_scales == 2 else (model_cfg.scale,)
+
+
+def run_fold(
+    family: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    fold: dict,
+    bags: dict[str, SlideBag],
+    classes: list[str],
+    on_epoch=None,
+) -> FoldResult:
+    """Fit and score one fold (no tracking)."""
+    pick = lambda ids: [bags[s] for s in ids if s in bags]  # noqa: E731
+    train, val, test = pick(fold["train"]), pick(fold["val"]), pick(fold["test"])
+    in_dims = tuple(x.shape[1] for x in train[0].x)
+    model = build_model(family, model_cfg, in_dims, len(classes))
+    result = fit(model, train, val, train_cfg, on_epoch=on_epoch)
+    device = resolve_device(train_cfg.device)
+    val_proba, _, _ = predict(model, val, device)
+    y_val = np.array([b.label for b in val])
+    binary = len(classes) == 2
+    threshold = choose_threshold(y_val, val_proba[:, 1]) if binary else None
+    test_proba, test_scores, _ = predict(model, test, device)
+    y_test = np.array([b.label for b in test])
+    preds = pd.DataFrame(
+        {
+            "slide_id": [b.slide_id for b in test],
+            "fold": fold["fold"],
+            "label": [classes[b.label] for b in test],
+            **{f"p_{c}": test_proba[:, i] for i, c in enumerate(classes)},
+        }
+    )
+    preds["pred"] = [classes[i] for i in predict_labels(test_proba, threshold)]
+    return FoldResult(
+        fold=fold["fold"],
+        metrics=slide_metrics(y_test, test_proba, threshold),
+        val_metrics=slide_metrics(y_val, val_proba, threshold),
+        threshold=threshold,
+        best_epoch=result.best_epoch,
+        predictions=preds,
+        history=result.history,
+        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        scores={b.slide_id: s for b, s in zip(test, test_scores, strict=True)},
+    )
+
+
+# --- artifacts ------------------------------------------------------------------------------
+
+
+def _roc_points(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    from sklearn.metrics import roc_curve
+
+    if len(classes) != 2 or preds["label"].nunique() < 2:
+        return pd.DataFrame({"fpr": [], "tpr": [], "threshold": []})
+    fpr, tpr, thr = roc_curve(preds["label"] == classes[1], preds[f"p_{classes[1]}"])
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
+
+
+def _plot_roc_and_confusion(preds, classes, roc: pd.DataFrame, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if len(roc):
+        ax.plot(roc["fpr"], roc["tpr"], lw=2)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ConfusionMatrixDisplay.from_predictions(
+        preds["label"], preds["pred"], labels=classes, ax=ax, colorbar=False
+    )
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=90)
+    plt.close(fig)
+
+
+def localisation(
+    folds: list[FoldResult],
+    bags: dict[str, SlideBag],
+    table: pd.DataFrame,
+    cohort_dir: Path,
+    heatmap_dir: Path | None,
+    n_heatmaps: int,
+) -> dict[str, float]:
+    """Mean per-slide localisation AUC of each instance score against the tumour masks.
+
+    Only for cohorts with a ``mask_path`` column (the synthetic one). Also draws heatmaps
+    of every score for the first ``n_heatmaps`` tumour-bearing test slides.
+    """
+    if "mask_path" not in table.columns:
+        return {}
+    import openslide
+    from PIL import Image
+
+    rows = table.set_index("slide_id")
+    per_score: dict[str, list[float]] = {}
+    drawn = 0
+    for fold in folds:
+        for sid, scores in fold.scores.items():
+            row = rows.loc[sid]
+            mask = np.asarray(Image.open(cohort_dir / row["mask_path"])) > 0
+            if not mask.any():
+                continue
+            bag = bags[sid]
+            d = float(row.get("mask_downsample", 16))
+            shares = [
+                tile_tumour_share(c, t, mask, d)
+                for c, t in zip(bag.coords, bag.tile_level0, strict=True)
+            ]
+            for name, per_scale in scores.items():
+                for s, (sc, share) in enumerate(zip(per_scale, shares, strict=True)):
+                    key = name if len(per_scale) == 1 else f"{name}_scale{s}"
+                    auc = localisation_auc(sc, share)
+                    if not np.isnan(auc):
+                        per_score.setdefault(key, []).append(auc)
+            if heatmap_dir is not None and drawn < n_heatmaps:
+                slide = openslide.OpenSlide(cohort_dir / row["path"])
+                thumb = np.asarray(slide.get_thumbnail((768, 768)).convert("RGB"))
+                ds = slide.dimensions[0] / thumb.shape[1]
+                slide.close()
+                for name, per_scale in scores.items():
+                    save_heatmap(
+                        heatmap_dir / f"{sid}_{name}.png",
+                        thumb,
+                        ds,
+                        bag.coords[-1],
+                        bag.tile_level0[-1],
+                        per_scale[-1],
+                        f"{sid} ({row['label']}): {name}",
+                        mask=mask,
+                        mask_downsample=d,
+                    )
+                drawn += 1
+    return {f"loc_auc_{k}": float(np.mean(v)) for k, v in per_score.items()}
+
+
+def save_fold_models(result: CVResult, model_cfg: ModelConfig, scales, out: Path) -> None:
+    """Fold state dicts (safetensors, no pickles) and the config needed to rebuild them."""
+    from safetensors.torch import save_file
+
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    for f in result.folds:
+        save_file(
+            {k: v.contiguous() for k, v in f.state_dict.items()},
+            models / f"fold{f.fold}.safetensors",
+        )
+    doc = {
+        "family": result.family,
+        "model": model_cfg.model_dump(mode="json"),
+        "scales": list(scales),
+        "in_dims": list(result.in_dims),
+        "classes": result.classes,
+        "thresholds": [f.threshold for f in result.folds],
+        "folds": [f.fold for f in result.folds],
+        "cv": result.summary,
+        "parent_run_id": result.parent_run_id,
+    }
+    (models / "ensemble.json").write_text(json.dumps(doc, indent=1))
+
+
+# --- the tracked run ------------------------------------------------------------------------
+
+
+def run_crossval(
+    family: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    splits: dict,
+    bags: dict[str, SlideBag],
+    *,
+    table: pd.DataFrame,
+    cohort_dir: Path,
+    out_dir: Path,
+    experiment: str,
+    lineage: dict[str, str],
+    root: Path,
+    n_heatmaps: int = 3,
+    run_name: str | None = None,
+    extra_params: dict | None = None,
+    lineage_files: tuple[Path, ...] = (),
+    on_fold: Callable[[FoldResult], bool] | None = None,
+) -> CVResult:
+    """Cross-validate ``family`` on ``splits``; track everything in MLflow; write ``out_dir``.
+
+    Args:
+        lineage: tags recording the data version and anything else about the inputs.
+        root: the project root (for git state).
+        lineage_files: files logged under ``lineage/`` (params.yaml, dvc.lock, splits.json).
+        on_fold: called after each fold; returning False stops the cross-validation there
+            (a tuner pruning a trial). The result then has ``stopped=True`` and no outputs.
+    """
+    classes = list(splits["classes"])
+    scales = model_scales(family, model_cfg)
+    tags = {
+        **git_state(root),
+        **lineage,
+        "seed": str(train_cfg.seed),
+        "model_family": family,
+        "cohort": splits["cohort"],
+        "scales": ",".join(scales),
+    }
+    params = flatten(
+        {
+            "model": {
+                "name": family,
+                "scale": ",".join(scales),
+                **family_config(model_cfg, family).model_dump(),
+            },
+            "train": train_cfg.model_dump(),
+            "crossval": {"n_folds": splits["n_folds"], "seed": splits["seed"]},
+            **(extra_params or {}),
+        }
+    )
+    mlflow.set_experiment(experiment)
+    folds: list[FoldResult] = []
+    with mlflow.start_run(
+        run_name=run_name or f"{family}-cv", nested=mlflow.active_run() is not None
+    ) as parent:
+        mlflow.set_tags({**tags, "run_kind": "crossval"})
+        mlflow.log_params(params)
+        for fold in splits["folds"]:
+            with mlflow.start_run(run_name=f"{family}-fold{fold['fold']}", nested=True):
+                mlflow.set_tags({**tags, "run_kind": "fold", "fold": str(fold["fold"])})
+                mlflow.log_params(params)
+                result = run_fold(
+                    family, model_cfg, train_cfg, fold, bags, classes,
+                    on_epoch=lambda e, m: mlflow.log_metrics(m, step=e),
+                )  # fmt: skip
+                mlflow.log_metrics(
+                    {
+                        **{f"test_{k}": v for k, v in result.metrics.items()},
+                        **{f"val_{k}_best": v for k, v in result.val_metrics.items()},
+                        "best_epoch": result.best_epoch,
+                        **({"threshold": result.threshold} if result.threshold is not None else {}),
+                    }
+                )
+                folds.append(result)
+            if on_fold is not None and not on_fold(result):
+                break
+        summary = summarize([f.metrics for f in folds])
+        in_dims = tuple(x.shape[1] for x in next(iter(bags.values())).x)
+        cv = CVResult(family, folds, summary, classes, in_dims, parent.info.run_id)
+        cv.stopped = len(folds) < len(splits["folds"])
+        mlflow.log_metrics({f"cv_{k}": v for k, v in summary.items()})
+        if cv.stopped:
+            mlflow.set_tag("stopped_after_fold", str(folds[-1].fold))
+            return cv
+        _write_outputs(cv, model_cfg, scales, table, cohort_dir, bags, out_dir, n_heatmaps)
+        for path in lineage_files:
+            if Path(path).exists():
+                mlflow.log_artifact(str(path), artifact_path="lineage")
+    return cv
+
+
+def _write_outputs(cv, model_cfg, scales, table, cohort_dir, bags, out_dir, n_heatmaps):
+    """Write ``out_dir`` and log the same files as MLflow artifacts under ``crossval/``.
+
+    Layout: ``metrics.json``, ``roc.csv``, ``loss.csv`` (DVC metrics and plots, small, kept
+    in git), ``models/`` (fold ensemble) and ``report/`` (predictions, ROC and confusion
+    images, heatmaps). Each entry is built in a temporary folder and moved into place.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".crossval-", dir=out_dir))
+    try:
+        report = tmp / "report"
+        (report / "heatmaps").mkdir(parents=True)
+        preds = pd.concat([f.predictions for f in cv.folds], ignore_index=True)
+        preds.to_csv(report / "predictions.csv", index=False)
+        roc = _roc_points(preds, cv.classes)
+        roc.to_csv(tmp / "roc.csv", index=False)
+        hist = pd.DataFrame([{"fold": f.fold, **h} for f in cv.folds for h in f.history])
+        per_epoch = hist.groupby("epoch").mean(numeric_only=True).drop(columns="fold")
+        per_epoch.reset_index().to_csv(tmp / "loss.csv", index=False)
+        _plot_roc_and_confusion(preds, cv.classes, roc, report, f"{cv.family}: pooled test folds")
+        loc = localisation(cv.folds, bags, table, cohort_dir, report / "heatmaps", n_heatmaps)
+        if loc:
+            mlflow.log_metrics(loc)
+        per_fold = {f"fold{f.fold}": f.metrics for f in cv.folds}
+        metrics = {**cv.summary, **loc, "folds": per_fold}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        save_fold_models(cv, model_cfg, scales, tmp)
+        mlflow.log_artifacts(str(tmp), artifact_path="crossval")
+        for entry in sorted(tmp.iterdir()):
+            dest = out_dir / entry.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,234 @@
+"""Batched embedding of a slide's selected tiles → its 10× and 20× feature caches.
+
+Tiles are read by DataLoader worker processes (each opens its own OpenSlide handle), the
+network runs in the calling process under ``torch.inference_mode`` (CUDA autocast on a
+GPU), and both scales of a slide go through the network in the same batches. The result is
+written as one HDF5 file per scale (contract in :mod:`wsimil.cache`).
+
+Workers start from a forkserver, not by forking the caller: the caller runs several
+threads (Prefect tasks, OpenMP, CUDA), and a fork taken while another thread holds a lock
+can leave the child stuck or dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsimil.cache import bag_path, matches, source_version, write_h5
+from wsimil.extractors import Extractor
+from wsimil.slide import Scale, Slide, SlideRef, open_slide, rgba_to_rgb
+from wsimil.tiles import Selection
+
+log = logging.getLogger(__name__)
+
+CODE_MODULES = ("wsimil.slide", "wsimil.tiles", "wsimil.extractors", "wsimil.features")
+
+
+class TileDataset(Dataset):
+    """Tiles of one slide as uint8 (3, H, W) tensors.
+
+    Args:
+        path: the slide file.
+        scales: how each scale is read (from :meth:`Slide.scale`).
+        tiles: (scale index, x0, y0) per tile, level-0 top-left.
+        out_px: resize tiles to this side for the network (None: as read).
+    """
+
+    def __init__(self, path: Path, scales: list[Scale], tiles: np.ndarray, out_px: int | None):
+        self.path, self.scales, self.tiles, self.out_px = str(path), scales, tiles, out_px
+        self._osr = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getstate__(self) -> dict:  # a worker opens its own handle
+        return {**self.__dict__, "_osr": None}
+
+    def close(self) -> None:
+        """Close this process's handle (worker processes close theirs when they exit)."""
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._osr is None:
+            import openslide
+
+            self._osr = openslide.OpenSlide(self.path)
+        s, x0, y0 = (int(v) for v in self.tiles[i])
+        scale = self.scales[s]
+        region = self._osr.read_region((x0, y0), scale.level, (scale.read_px, scale.read_px))
+        tile = scale.to_tile(rgba_to_rgb(np.asarray(region)))  # (tile_px, tile_px, 3)
+        if self.out_px and self.out_px != tile.shape[0]:
+            from PIL import Image
+
+            tile = np.array(
+                Image.fromarray(tile).resize((self.out_px, self.out_px), Image.BILINEAR)
+            )
+        return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)  # (3, H, W)
+
+
+def embed(
+    extractor: Extractor,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    desc: str = "",
+) -> np.ndarray:
+    """(N, D) float32 features of every item of ``dataset``, in order."""
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=extractor.cuda,
+        prefetch_factor=4 if num_workers else None,
+        multiprocessing_context=worker_context() if num_workers else None,
+    )
+    out = np.empty((len(dataset), extractor.dim), np.float32)
+    i = 0
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        feats = extractor(batch)  # (B, D)
+        out[i : i + len(feats)] = feats.numpy()
+        i += len(feats)
+    return out
+
+
+@cache
+def worker_context():
+    """The forkserver context, with this module (and so torch, OpenSlide) preloaded once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+@dataclass(frozen=True)
+class FeatureResult:
+    paths: dict[str, Path]  # scale -> file
+    n_tiles: int
+    skipped: bool  # the caches already matched; nothing was computed
+    seconds: float
+
+
+def feature_provenance(sel: Selection, extractor: Extractor, input_px: int | None) -> dict:
+    """Everything the features depend on: the selection plus the network."""
+    return {
+        **sel.attrs,
+        **extractor.provenance(),
+        "input_px": int(input_px or 0),
+        "code_version": source_version(*CODE_MODULES),
+    }
+
+
+def features_for_slide(
+    ref: SlideRef,
+    sel: Selection,
+    extractor: Extractor,
+    cfg,
+    features_root: Path,
+    *,
+    mpp_override: float | None = None,
+) -> FeatureResult:
+    """Embed a slide's selected tiles and write its 10× and 20× caches (skip if up to date).
+
+    Args:
+        ref: the slide.
+        sel: its selected tiles.
+        extractor: the network.
+        cfg: ``FeaturesConfig`` (batch_size, num_workers, input_px).
+        features_root: ``<out_dir>/<extractor tag>``.
+        mpp_override: params.yaml → tiles.mpp_override (to reopen the slide as selected).
+    """
+    start = time.perf_counter()
+    expected = feature_provenance(sel, extractor, cfg.input_px)
+    paths = {s: bag_path(features_root, ref.slide_id, s) for s in ("10x", "20x")}
+    if all(matches(p, {**expected, "scale": s}) for s, p in paths.items()):
+        return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
+    with open_slide(ref, mpp_override=mpp_override) as slide:
+        _check_same_slide(slide, sel)
+        tile_px = int(sel.attrs["tile_px"])
+        scales = [slide.scale("10x", tile_px), slide.scale("20x", tile_px)]
+    k = len(sel.density)
+    tiles = np.concatenate(  # both scales in one pass through the network
+        [
+            np.column_stack([np.zeros(k, np.int64), sel.coords_10x]),
+            np.column_stack([np.ones(k, np.int64), sel.coords_20x]),
+        ]
+    )  # (2K, 3): scale index, x0, y0
+    dataset = TileDataset(ref.path, scales, tiles, cfg.input_px)
+    try:
+        feats = embed(
+            extractor,
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            desc=ref.slide_id,
+        )
+    except Exception as exc:
+        from_worker = str(exc).startswith("Caught ")  # re-raised with the worker's traceback text
+        if isinstance(exc, OSError) and not from_worker:
+            raise  # a plain I/O error: the caller may retry
+        log.debug("slide %s: embedding failed", ref.slide_id, exc_info=True)
+        raise ref.error(f"could not read or embed its tiles: {_last_line(exc)}") from None
+    finally:
+        dataset.close()
+    common = {
+        **expected,
+        "slide_path": str(ref.path),
+        "weights_path": extractor.weights_path,
+        "feature_dim": extractor.dim,
+        "precision": extractor.precision,
+        "n_tissue_tiles": sel.n_tissue,
+        "n_grid_tiles_10x": sel.n_grid,
+        "fewer_than_top_k": sel.fewer_than_top_k,
+        "torch_version": str(torch.__version__),
+    }
+    for i, (scale, grid, coords) in enumerate(
+        [(scales[0], sel.grid_10x, sel.coords_10x), (scales[1], sel.grid_20x, sel.coords_20x)]
+    ):
+        datasets = {"features": feats[i * k : (i + 1) * k], "coords": coords, "grid": grid}
+        if scale.name == "10x":
+            datasets["density"] = sel.density
+        else:
+            datasets["parent_index"] = sel.parent_index
+        attrs = {
+            **common,
+            "scale": scale.name,
+            "target_mpp": scale.mpp,
+            "level": scale.level,
+            "tile_size_level0": scale.tile_size_level0,
+        }
+        coords_attrs = {  # the names TRIDENT and CLAM readers look for
+            "patch_size": scale.tile_px,
+            "patch_size_level0": int(round(scale.tile_size_level0)),
+            "target_magnification": 20 if scale.name == "20x" else 10,
+            "level0_magnification": 10.0 / slide.mpp,
+        }
+        write_h5(paths[scale.name], datasets, attrs, {"coords": coords_attrs})
+    seconds = time.perf_counter() - start
+    log.info("slide %s: embedded %d tiles in %.1f s", ref.slide_id, 2 * k, seconds)
+    return FeatureResult(paths, k, False, seconds)
+
+
+def _check_same_slide(slide: Slide, sel: Selection) -> None:
+    if slide.quickhash != sel.attrs["slide_quickhash"] or slide.mpp != sel.attrs["mpp"]:
+        raise slide.ref.error(
+            "differs from the one its tiles were selected on (content or mpp changed); "
+            "run `wsimil tiles` again"
+        )
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,178 @@
+"""The fold ensemble that ``register`` publishes: k fold models answering as one.
+
+Cross-validation keeps every fold's model (``models/fold<k>.safetensors``, state dicts, no
+pickles) and ``models/ensemble.json`` (family, model config, scales, input dimensions,
+classes, each fold's validation-chosen threshold, the CV summary). Here they are rebuilt
+and combined:
+
+    p(c | bag)  = mean over folds of softmax(logits_fold)          class probabilities
+    label       = positive if p(1) >= mean of the fold thresholds  binary tasks
+                = argmax_c p(c)                                    otherwise
+    score_k     = mean over folds of the fold's instance score k   (heatmap raw material)
+
+Each threshold was chosen on its fold's validation patients, never on the data scored
+(SPEC §3); their mean is the ensemble's decision threshold. The primary instance score per
+family is the one the paper ranks instances by (:data:`PRIMARY_SCORE`).
+
+DMSMIL's optimal-transport distance is a training loss term only (it never enters the
+logits), so the inference copies are built with ``ot: off`` and skip the solver.
+Knows nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsimil.config import ModelConfig
+from wsimil.models import MILModel, build_model, collate
+
+PRIMARY_SCORE = {
+    "abmil": "attention",
+    "dtfd": "instance_prob",  # Grad-CAM instance probability (DTFD-MIL §3.1)
+    "damil": "contribution",
+    "dmsmil": "contribution",  # additive share of the decision logit
+}
+
+
+class EnsembleError(Exception):
+    """A models folder that cannot be loaded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class BagResult:
+    """One bag's answer: class probabilities ``(C,)`` and per-instance scores per scale."""
+
+    probabilities: np.ndarray
+    scores: dict[str, tuple[np.ndarray, ...]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EnsembleError("device is 'cuda' but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def read_manifest(models_dir: Path) -> dict:
+    """``ensemble.json`` of a models folder, checked to name existing fold files.
+
+    Raises:
+        EnsembleError: the manifest or a fold file is missing or incomplete.
+    """
+    models_dir = Path(models_dir)
+    path = models_dir / "ensemble.json"
+    if not path.is_file():
+        raise EnsembleError(
+            f"{path}: no ensemble manifest; run `wsimil tune` (or `wsimil crossval`) first"
+        )
+    doc = json.loads(path.read_text())
+    missing = [
+        k for k in ("family", "model", "scales", "in_dims", "classes", "folds") if k not in doc
+    ]
+    if missing:
+        raise EnsembleError(f"{path}: missing key(s) {', '.join(missing)}")
+    for fold in doc["folds"]:
+        if not (models_dir / f"fold{fold}.safetensors").is_file():
+            raise EnsembleError(f"{models_dir}: fold{fold}.safetensors is listed but missing")
+    return doc
+
+
+def inference_config(family: str, cfg: ModelConfig) -> ModelConfig:
+    """The model config for inference: DMSMIL's OT term is a loss, not part of the logits."""
+    if family in ("dmsmil", "damil"):
+        return cfg.model_copy(update={"dmsmil": cfg.dmsmil.model_copy(update={"ot": "off"})})
+    return cfg
+
+
+class FoldEnsemble:
+    """The fold models of one cross-validation, averaged (see the module docstring)."""
+
+    def __init__(self, manifest: dict, models: list[MILModel], device: torch.device) -> None:
+        self.manifest = manifest
+        self.models = models
+        self.device = device
+        self.family: str = manifest["family"]
+        self.scales: tuple[str, ...] = tuple(manifest["scales"])
+        self.in_dims: tuple[int, ...] = tuple(int(d) for d in manifest["in_dims"])
+        self.classes: list[str] = list(manifest["classes"])
+        thresholds = [t for t in manifest.get("thresholds") or [] if t is not None]
+        binary = len(self.classes) == 2
+        self.threshold: float | None = float(np.mean(thresholds)) if binary and thresholds else None
+        self.primary_score = PRIMARY_SCORE.get(self.family)
+
+    @classmethod
+    def load(cls, models_dir: Path, device: str = "auto") -> FoldEnsemble:
+        """Rebuild every fold model from ``models_dir`` (strict state-dict loading)."""
+        from safetensors.torch import load_file
+
+        models_dir = Path(models_dir)
+        doc = read_manifest(models_dir)
+        dev = resolve_device(device)
+        cfg = inference_config(doc["family"], ModelConfig.model_validate(doc["model"]))
+        models = []
+        for fold in doc["folds"]:
+            path = models_dir / f"fold{fold}.safetensors"
+            model = build_model(doc["family"], cfg, doc["in_dims"], len(doc["classes"]))
+            try:
+                model.load_state_dict(load_file(str(path)))
+            except RuntimeError as exc:
+                msg = f"{path} does not fit the model ensemble.json describes: {exc}"
+                raise EnsembleError(msg) from None
+            models.append(model.eval().to(dev))
+        return cls(doc, models, dev)
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the model places instances on the tile grid (DMSMIL's deformable attention)."""
+        return self.family in ("dmsmil", "damil") and bool(
+            self.manifest["model"]["dmsmil"].get("deformable", True)
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self, x: tuple[np.ndarray, ...], grid: tuple[np.ndarray, ...] | None = None
+    ) -> BagResult:
+        """Probabilities and instance scores of one bag.
+
+        Args:
+            x: one ``(N_s, D_s)`` float32 array per scale, in :attr:`scales` order.
+            grid: one ``(N_s, 2)`` int64 ``(col, row)`` array per scale, or None.
+        """
+        feats = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in x]
+        grids = (
+            None if grid is None else [[torch.from_numpy(np.asarray(g, np.int64)) for g in grid]]
+        )
+        bags = collate([feats], grids).to(self.device)
+        probs, scores = None, {}
+        for model in self.models:
+            out = model(bags)
+            p = torch.softmax(out.logits.float(), dim=-1)[0]  # (C,)
+            probs = p if probs is None else probs + p
+            for name, per_scale in out.scores.items():
+                s = [t[0].float() for t in per_scale]  # one (N_s,) per scale
+                scores[name] = (
+                    s
+                    if name not in scores
+                    else [a + b for a, b in zip(scores[name], s, strict=True)]
+                )
+        k = len(self.models)
+        return BagResult(
+            (probs / k).cpu().numpy(),
+            {
+                name: tuple((t / k).cpu().numpy() for t in per_scale)
+                for name, per_scale in scores.items()
+            },
+        )
+
+    def label(self, probabilities: np.ndarray) -> str:
+        """The predicted class name (binary: the mean fold threshold on ``p(classes[1])``)."""
+        if self.threshold is not None:
+            return self.classes[int(probabilities[1] >= self.threshold)]
+        return self.classes[int(np.argmax(probabilities))]

@@ -1,0 +1,113 @@
+"""Intra-scale deformable attention over the tile grid (DMSMIL §2.4, Eq. 3-8; SPEC §4).
+
+The K instances of one scale sit on a 2-D grid at their tile positions; empty cells are zero
+and carry zero occupancy. For a query q at its own cell r_q:
+
+    z_q      = W_q x_q
+    Δr_mqu   = c · tanh(Linear_2MU(z_q))            (Eq. 3, scaled; in grid cells)
+    A_mqu    = softmax_u(Linear_MU(z_q))             (Eq. 4)
+    x̂_q      = Σ_m W_m [ Σ_u A_mqu · W'_m x̃(r_q + Δr_mqu) ]          (Eq. 7-8)
+
+x̃(·) is bilinear sampling of the grid (``F.grid_sample``). The occupancy is sampled with the
+same weights and each head's sum is divided by its sampled occupancy mass
+Σ_u A_mqu · occ(r_q + Δr_mqu), so empty cells (and points outside the grid) get no weight and
+the remaining weights still sum to one. Cost O(K·M·U·d): linear in K.
+
+Choices where the paper is silent: W'_m are the M row blocks of one d×d value projection and
+W_m the column blocks of one d×d output projection (Deformable DETR's layout); there is no
+residual or feed-forward after Eq. 8 (x̂ is the module's output); two instances on one cell
+(which tiling never produces) are averaged; offsets start at zero weight with biases that
+spread each head's points along its own direction, and attention logits start at zero
+(uniform over points), as in Deformable DETR.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class DeformableOutput:
+    out: Tensor  # (B, N, d)
+    offsets: Tensor  # (B, N, M, U, 2) in grid cells, (col, row)
+    weights: Tensor  # (B, N, M, U) A_mqu, before the occupancy renormalisation
+
+
+class DeformableGridAttention(nn.Module):
+    """Multi-head deformable attention of every instance over its scale's tile grid."""
+
+    def __init__(self, dim: int, heads: int, points: int, offset_scale: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+        self.heads, self.points, self.offset_scale = heads, points, offset_scale
+        self.head_dim = dim // heads
+        self.query = nn.Linear(dim, dim)  # W_q
+        self.sampling_offsets = nn.Linear(dim, 2 * heads * points)  # Linear_2MU, Eq. 3
+        self.attention_weights = nn.Linear(dim, heads * points)  # Linear_MU, Eq. 4
+        self.value = nn.Linear(dim, dim)  # W'_m of all heads
+        self.output = nn.Linear(dim, dim)  # W_m of all heads
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        M, U, c = self.heads, self.points, self.offset_scale
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(M, dtype=torch.float32) * (2 * math.pi / M)
+        direction = torch.stack([theta.cos(), theta.sin()], -1)  # (M, 2)
+        direction = direction / direction.abs().amax(-1, keepdim=True)  # on the unit square
+        radius = torch.arange(1, U + 1, dtype=torch.float32) * c / (U + 1)  # (U,) all < c
+        target = direction[:, None, :] * radius[None, :, None]  # (M, U, 2) cells
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(torch.atanh(target / c).flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.query, self.value, self.output):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(
+        self, x: Tensor, grid: Tensor, mask: Tensor, grid_hw: tuple[int, int] | None = None
+    ) -> DeformableOutput:
+        """Attend ``x (B, N, d)`` at ``grid (B, N, 2)`` (col, row); ``mask (B, N)``."""
+        B, N, d = x.shape
+        M, U, dh = self.heads, self.points, self.head_dim
+        far = torch.iinfo(grid.dtype).max
+        origin = grid.masked_fill(~mask.unsqueeze(-1), far).amin(dim=1, keepdim=True)  # (B,1,2)
+        grid = (grid - origin.clamp_max(far - 1)).masked_fill(~mask.unsqueeze(-1), 0)
+        if grid_hw is None:
+            grid_hw = (int(grid[..., 1].max()) + 1, int(grid[..., 0].max()) + 1)
+        H, W = grid_hw
+
+        z = self.query(x)  # (B, N, d)
+        offsets = self.offset_scale * torch.tanh(self.sampling_offsets(z))
+        offsets = offsets.view(B, N, M, U, 2)  # (B, N, M, U, 2) cells
+        weights = torch.softmax(self.attention_weights(z).view(B, N, M, U), dim=-1)
+
+        # dense grid: per head, dh value channels + 1 occupancy channel
+        m = mask.to(x.dtype)[..., None, None]  # (B, N, 1, 1)
+        v = self.value(x).view(B, N, M, dh)  # (B, N, M, dh)
+        cells = torch.cat([v * m, m.expand(B, N, M, 1)], dim=-1).view(B, N, M * (dh + 1))
+        index = (grid[..., 1] * W + grid[..., 0]).unsqueeze(-1).expand_as(cells)  # (B, N, .)
+        dense = x.new_zeros(B, H * W, M * (dh + 1)).scatter_add(1, index, cells)
+        dense = dense.view(B, H, W, M, dh + 1).permute(0, 3, 4, 1, 2)  # (B, M, dh+1, H, W)
+        dense = dense.reshape(B * M, dh + 1, H, W)
+
+        # bilinear sampling at r_q + Δr; pixel centres at (2i + 1) / size - 1
+        loc = grid[:, :, None, None, :].to(x.dtype) + offsets  # (B, N, M, U, 2)
+        size = torch.tensor([W, H], dtype=x.dtype, device=x.device)
+        loc = (2 * loc + 1) / size - 1
+        loc = loc.permute(0, 2, 1, 3, 4).reshape(B * M, N, U, 2)  # (B·M, N, U, 2)
+        sampled = F.grid_sample(
+            dense, loc, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (B·M, dh+1, N, U)
+
+        A = weights.permute(0, 2, 1, 3).reshape(B * M, N, U)  # (B·M, N, U)
+        mixed = torch.einsum("kcnu,knu->kcn", sampled, A)  # (B·M, dh+1, N)
+        head = mixed[:, :dh] / mixed[:, dh:].clamp_min(1e-6)  # renormalise by occupancy
+        head = head.view(B, M, dh, N).permute(0, 3, 1, 2).reshape(B, N, d)  # (B, N, M·dh)
+        return DeformableOutput(self.output(head), offsets, weights)

@@ -1,0 +1,301 @@
+"""Publish a tuned fold ensemble to the MLflow model registry.
+
+``wsimil register --model <family>`` takes ``results/tune/<family>/best/models`` (the fold
+models of the best Optuna trial) and
+
+1. assembles the bundle the served model reads (:mod:`wsimil.serve`): the fold state dicts
+   (safetensors), ``ensemble.json``, the recorded extraction settings and, for slide-path
+   input, the extractor's weights (converted to safetensors unless they are TorchScript);
+2. logs it as a pyfunc *model from code* (``wsimil/serve_entry.py``; MLflow 3's default
+   ``torch.export`` route fails on POT's data-dependent code, and nothing here is pickled)
+   with the package as ``code_paths``, requirements pinned from ``requirements.lock``, a
+   signature, an input example and the serve settings as model config; loads it back and
+   checks that it answers its own input example before registering anything;
+3. registers it as ``<prefix><family>``: version tags (CV metrics, data version, git commit,
+   extractor), a model card as the description, alias ``challenger`` on every new version
+   and alias ``champion`` only when the new CV AUC beats the champion's by more than the
+   margin (:func:`takes_champion`).
+
+Aliases are read with ``get_registered_model(name).aliases``: registry *search* results
+come back without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from wsimil.fold_ensemble import read_manifest
+from wsimil.model_card import model_card
+from wsimil.serve import BUNDLE, example_request, request_signature
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ENTRY = PACKAGE_DIR / "serve_entry.py"
+# Every third-party distribution the served code imports (tests/test_registry.py checks the
+# list against the imports), pinned from requirements.lock at registration.
+SERVING_PACKAGES = (
+    "mlflow", "mlflow-skinny", "mlflow-tracing", "torch", "torchvision", "timm",
+    "huggingface-hub", "numpy", "pandas", "safetensors", "pydantic", "pyyaml", "pot", "h5py",
+    "pillow", "openslide-python", "openslide-bin", "tqdm",
+)  # fmt: skip
+METRIC_TAGS = ("auc_mean", "auc_std", "acc_mean", "acc_std", "f1_mean", "f1_std")
+
+
+class RegistryError(Exception):
+    """Something that stops a registration; the message says what to fix."""
+
+
+# --- what the model carries -----------------------------------------------------------------
+
+
+def serving_requirements(lock: Path, packages: tuple[str, ...] = SERVING_PACKAGES) -> list[str]:
+    """``name==version`` for each package, the versions taken from ``lock``."""
+    pins = {}
+    for line in Path(lock).read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
+        if m:
+            pins[canonical_name(m.group(1))] = m.group(2)
+    missing = [p for p in packages if canonical_name(p) not in pins]
+    if missing:
+        raise RegistryError(f"{lock}: no pin for {', '.join(missing)}; run `make lock`")
+    return [f"{p}=={pins[canonical_name(p)]}" for p in packages]
+
+
+def canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def make_bundle(models_dir: Path, extraction: dict | None, dest: Path, *, carry: bool) -> Path:
+    """Write the served model's files to ``dest`` (layout in :mod:`wsimil.serve`).
+
+    Args:
+        models_dir: a cross-validation ``models/`` folder.
+        extraction: the recorded extraction settings (None: features-only model).
+        carry: ship the extractor's weights, so that the model accepts slide paths.
+    """
+    doc = read_manifest(models_dir)
+    (dest / "models").mkdir(parents=True)
+    shutil.copy2(models_dir / "ensemble.json", dest / "models" / "ensemble.json")
+    for fold in doc["folds"]:
+        name = f"fold{fold}.safetensors"
+        shutil.copy2(models_dir / name, dest / "models" / name)
+    if extraction is not None:
+        record = {k: v for k, v in extraction.items() if k != "weights_path"}  # this machine's
+        if extraction["weights"] != "random":
+            record["weights_file"] = None
+            if carry:
+                src = Path(str(extraction.get("weights_path") or ""))
+                record.update(carry_weights(src, str(extraction["weights_sha256"]), dest))
+        (dest / "extraction.json").write_text(json.dumps(record, indent=1, default=str))
+    return dest
+
+
+def carry_weights(src: Path, sha256: str, dest: Path) -> dict:
+    """Copy the extractor's weight file into ``dest/extractor``, as safetensors.
+
+    State dicts saved with ``torch.save`` are re-saved as safetensors (read with
+    ``weights_only=True``); safetensors and TorchScript files are copied.
+
+    Returns:
+        ``weights_file`` (relative to ``dest``) and ``weights_file_sha256``.
+    """
+    from wsimil.extractors import _is_torchscript, load_state_dict, sha256_file
+
+    if not src.is_file():
+        raise RegistryError(
+            f"the extractor weights {src} recorded in the feature caches are not on this "
+            "machine; restore them, or set registry.include_extractor: false (the model then "
+            "accepts features only)"
+        )
+    if sha256_file(src) != sha256:
+        raise RegistryError(
+            f"{src} changed since the features were made (SHA-256 differs); re-run "
+            "`wsimil features` or restore the file"
+        )
+    (dest / "extractor").mkdir()
+    if src.suffix == ".safetensors" or _is_torchscript(src):
+        out = dest / "extractor" / src.name
+        shutil.copy2(src, out)
+    else:
+        from safetensors.torch import save_file
+
+        out = dest / "extractor" / f"{src.stem}.safetensors"
+        state = {k: v.contiguous().clone() for k, v in load_state_dict(src).items()}
+        save_file(state, str(out))
+    return {"weights_file": str(out.relative_to(dest)), "weights_file_sha256": sha256_file(out)}
+
+
+def copy_package(dest: Path) -> Path:
+    """The wsimil package, without caches, for ``code_paths``."""
+    out = dest / "wsimil"
+    shutil.copytree(PACKAGE_DIR, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return out
+
+
+# --- logging and registering ----------------------------------------------------------------
+
+
+def log_ensemble(
+    models_dir: Path,
+    *,
+    extraction: dict | None,
+    serve_config: dict,
+    requirements: list[str],
+    carry_extractor: bool,
+) -> tuple[mlflow.models.model.ModelInfo, dict]:
+    """Log the fold ensemble as a pyfunc model in the active run; check it answers.
+
+    Returns:
+        The logged model's info and the ensemble manifest.
+
+    Raises:
+        RegistryError: the logged model cannot answer its own input example.
+    """
+    doc = read_manifest(models_dir)
+    scales, in_dims = tuple(doc["scales"]), tuple(doc["in_dims"])
+    example = example_request(scales, in_dims)
+    with tempfile.TemporaryDirectory(prefix="wsimil-register-") as tmp:
+        bundle = make_bundle(
+            Path(models_dir), extraction, Path(tmp) / "bundle", carry=carry_extractor
+        )
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ENTRY),
+            artifacts={BUNDLE: str(bundle)},
+            code_paths=[str(copy_package(Path(tmp) / "code"))],
+            pip_requirements=requirements,
+            signature=request_signature(scales, serve_config.get("top_instances", 10)),
+            input_example=example,
+            model_config=serve_config,
+        )
+    try:
+        answer = mlflow.pyfunc.load_model(info.model_uri).predict(example)
+    except Exception as exc:
+        raise RegistryError(f"the logged model {info.model_uri} cannot answer: {exc}") from exc
+    if not (len(answer) == 1 and set(answer[0]["probabilities"]) == set(doc["classes"])):
+        raise RegistryError(f"the logged model {info.model_uri} answered {answer!r}")
+    return info, doc
+
+
+def takes_champion(new_auc: float, champion_auc: float | None, margin: float) -> bool:
+    """Whether a new version's CV AUC earns the ``champion`` alias.
+
+    It must beat the champion's by more than ``margin``; a version without a finite AUC
+    never takes it, and any finite AUC takes it from a champion without one.
+    """
+    if not math.isfinite(new_auc):
+        return False
+    if champion_auc is None or not math.isfinite(champion_auc):
+        return True
+    return new_auc > champion_auc + margin
+
+
+def version_tags(doc: dict, lineage: dict[str, str], extraction: dict | None) -> dict[str, str]:
+    """Tags of a model version: CV metrics, lineage and what it needs as input."""
+    cv = doc.get("cv") or {}
+    tags = {f"cv_{k}": f"{float(cv[k]):.6f}" for k in METRIC_TAGS if k in cv}
+    tags.update(lineage)
+    tags.update(
+        {
+            "family": doc["family"],
+            "classes": ",".join(doc["classes"]),
+            "scales": ",".join(doc["scales"]),
+            "in_dims": ",".join(str(d) for d in doc["in_dims"]),
+            "n_folds": str(len(doc["folds"])),
+            "threshold_rule": "mean of the fold thresholds chosen on validation",
+            "source_run_id": str(doc.get("parent_run_id") or ""),
+        }
+    )
+    if extraction is not None:
+        tags["extractor"] = str(extraction["extractor"])
+        tags["extractor_weights"] = str(extraction["weights"])
+        tags["extractor_weights_sha256"] = str(extraction["weights_sha256"]) or "none"
+    return tags
+
+
+def source_lineage(client: MlflowClient, run_id: str | None) -> dict[str, str]:
+    """data_version, git commit and extractor recorded on the cross-validation run."""
+    if not run_id:
+        return {}
+    try:
+        tags = client.get_run(run_id).data.tags
+    except mlflow.exceptions.MlflowException:
+        return {}
+    keys = ("data_version", "git_commit", "git_dirty", "extractor", "cohort", "features_dir")
+    return {k: tags[k] for k in keys if k in tags}
+
+
+def register(
+    models_dir: Path,
+    name: str,
+    *,
+    experiment: str,
+    extraction: dict | None,
+    serve_config: dict,
+    requirements: list[str],
+    champion_margin: float,
+    lineage: dict[str, str],
+    carry_extractor: bool = True,
+    extra_tags: dict[str, str] | None = None,
+) -> dict:
+    """Log, register and gate one fold ensemble (see the module docstring).
+
+    Args:
+        lineage: fallback tags (current git state, data version) for what the source run
+            does not record.
+        extra_tags: more version tags (e.g. the tuning trial).
+
+    Returns:
+        The registration record (name, version, aliases, whether champion moved and why).
+    """
+    client = MlflowClient()
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"register-{name}") as run:
+        info, doc = log_ensemble(
+            models_dir,
+            extraction=extraction,
+            serve_config=serve_config,
+            requirements=requirements,
+            carry_extractor=carry_extractor,
+        )
+        tags = version_tags(
+            doc, {**lineage, **source_lineage(client, doc.get("parent_run_id"))}, extraction
+        )
+        tags.update(extra_tags or {})
+        mlflow.set_tags({**tags, "run_kind": "register", "registered_model": name})
+        version = mlflow.register_model(info.model_uri, name, tags=tags).version
+    client.update_model_version(name, version, description=model_card(name, doc, tags))
+    client.set_registered_model_alias(name, "challenger", version)
+    new_auc = float((doc.get("cv") or {}).get("auc_mean", math.nan))
+    current = client.get_registered_model(name).aliases.get("champion")
+    champion_auc = None
+    if current is not None:
+        champion_auc = float(client.get_model_version(name, current).tags.get("cv_auc_mean", "nan"))
+    moved = takes_champion(new_auc, champion_auc, champion_margin)
+    if moved:
+        client.set_registered_model_alias(name, "champion", version)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(
+            name, f"wsimil {doc['family']} fold ensemble; each version's description is its card."
+        )
+    return {
+        "name": name,
+        "version": str(version),
+        "model_uri": f"models:/{name}/{version}",
+        "run_id": run.info.run_id,
+        "cv_auc_mean": new_auc,
+        "champion": {
+            "moved": moved,
+            "previous": current,
+            "previous_cv_auc_mean": champion_auc,
+            "margin": champion_margin,
+        },
+        "aliases": dict(client.get_registered_model(name).aliases),
+    }

@@ -1,0 +1,189 @@
+"""Fit one MIL model on one split. Knows nothing of MLflow, Prefect or the CLI.
+
+One generic loop for every model (each model owns its loss): Adam, an optional step
+schedule (DTFD reference: lr × 0.2 at half the epochs), gradient-norm clipping per
+parameter group (DTFD clips each tier separately; a model lists its groups in
+``clip_groups()``), the best epoch by validation AUC (ties: lower validation loss), optional
+early stopping. Seeded: the same seed on CPU gives bit-identical weights and metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from wsimil.config import TrainConfig
+from wsimil.metrics import slide_metrics
+from wsimil.models import Bags, MILModel, collate
+
+
+@dataclass(frozen=True)
+class SlideBag:
+    """One slide's instances, ready for a model (one entry per scale the model reads)."""
+
+    slide_id: str
+    label: int
+    x: tuple[Tensor, ...]  # one (N_s, D_s) float32 per scale
+    grid: tuple[Tensor, ...] | None = None  # one (N_s, 2) long (col, row) per scale
+    coords: tuple[np.ndarray, ...] | None = None  # one (N_s, 2) level-0 (x, y) per scale
+    tile_level0: tuple[float, ...] | None = None  # tile side at level-0 pixels, per scale
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_auc: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def batches(bags: Sequence[SlideBag], batch_size: int, order: np.ndarray) -> list[list[SlideBag]]:
+    return [[bags[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
+
+
+def to_model_input(batch: Sequence[SlideBag], device: torch.device) -> tuple[Bags, Tensor]:
+    has_grid = all(b.grid is not None for b in batch)
+    bags = collate([b.x for b in batch], [b.grid for b in batch] if has_grid else None)
+    y = torch.tensor([b.label for b in batch], dtype=torch.long)
+    return bags.to(device), y.to(device)
+
+
+def feature_stats(bags: Sequence[SlideBag]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-scale mean and std of every training instance (std floored at 1e-6)."""
+    means, scales = [], []
+    for s in range(len(bags[0].x)):
+        x = torch.cat([b.x[s] for b in bags]).double()  # (sum N, D)
+        means.append(x.mean(0).float())
+        scales.append(x.std(0).clamp_min(1e-6).float())
+    return means, scales
+
+
+def clip_groups(model: MILModel) -> list[list[Tensor]]:
+    groups = getattr(model, "clip_groups", None)
+    return groups() if callable(groups) else [list(model.parameters())]
+
+
+@torch.no_grad()
+def predict(
+    model: MILModel, bags: Sequence[SlideBag], device: torch.device, batch_size: int = 1
+) -> tuple[np.ndarray, list[dict[str, tuple[np.ndarray, ...]]], float]:
+    """Eval-mode class probabilities ``(n, C)``, per-slide instance scores and mean loss."""
+    model.eval()
+    probs, scores, losses = [], [], []
+    for batch in batches(bags, batch_size, np.arange(len(bags))):
+        inputs, y = to_model_input(batch, device)
+        out = model(inputs)
+        losses.append(float(model.loss(out, y)[0].detach()) * len(batch))
+        probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        masks = inputs.masks()
+        for i in range(len(batch)):
+            scores.append(
+                {
+                    name: tuple(
+                        s[i][masks[k][i]].float().cpu().numpy() for k, s in enumerate(per_scale)
+                    )
+                    for name, per_scale in out.scores.items()
+                }
+            )
+    return np.concatenate(probs), scores, sum(losses) / max(1, len(bags))
+
+
+def _val_auc(model, val, device, batch_size) -> tuple[float, float]:
+    proba, _, loss = predict(model, val, device, batch_size)
+    y = np.array([b.label for b in val])
+    auc = slide_metrics(y, proba, threshold=0.5)["auc"]
+    return (0.0 if math.isnan(auc) else auc), loss
+
+
+def fit(
+    model: MILModel,
+    train: Sequence[SlideBag],
+    val: Sequence[SlideBag],
+    cfg: TrainConfig,
+    *,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place and leave it holding the best epoch's weights.
+
+    Args:
+        model: a freshly built model.
+        train: training bags.
+        val: validation bags; choose the best epoch (AUC) and early stopping.
+        cfg: the model family's train section.
+        on_epoch: called with (epoch, metrics) after every epoch (for tracking).
+    """
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_threads:
+        # One slide per step is a chain of small ops: thread hand-offs cost more than they
+        # save, and several folds or trials may run side by side.
+        torch.set_num_threads(cfg.cpu_threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.standardize:
+        model.set_feature_stats(*feature_stats(train))
+    model.to(device)
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+    )
+    milestone = max(1, int(round(cfg.epochs * cfg.step_at))) if cfg.schedule == "step" else None
+    scheduler = (
+        torch.optim.lr_scheduler.MultiStepLR(optimiser, [milestone], gamma=cfg.step_factor)
+        if milestone
+        else None
+    )
+    groups = clip_groups(model)
+    best = FitResult(best_epoch=-1, best_val_auc=-1.0)
+    best_key = (-1.0, math.inf)
+    best_state = copy.deepcopy(model.state_dict())
+    start, stale = time.perf_counter(), 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        total, parts_sum = 0.0, {}
+        for batch in batches(train, cfg.batch_size, rng.permutation(len(train))):
+            inputs, y = to_model_input(batch, device)
+            loss, parts = model.loss(model(inputs), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                for params in groups:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimiser.step()
+            total += float(loss.detach()) * len(batch)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * len(batch)
+        lr = optimiser.param_groups[0]["lr"]  # the rate this epoch trained with
+        if scheduler:
+            scheduler.step()
+        val_auc, val_loss = _val_auc(model, val, device, cfg.batch_size)
+        metrics = {"train_loss": total / len(train), "val_loss": val_loss, "val_auc": val_auc}
+        metrics["lr"] = lr
+        metrics.update({f"train_{k}": v / len(train) for k, v in parts_sum.items()})
+        best.history.append({"epoch": epoch, **metrics})
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if (val_auc, -val_loss) > (best_key[0], -best_key[1]):
+            best_key, stale = (val_auc, val_loss), 0
+            best.best_epoch, best.best_val_auc = epoch, val_auc
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                break
+    model.load_state_dict(best_state)
+    best.seconds = time.perf_counter() - start
+    return best
