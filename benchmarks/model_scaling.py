@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 20000])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=120.0, help="skip a step slower")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="skip a step slower")
     parser.add_argument("--out", default="benchmarks/results/model_scaling.json")
     args = parser.parse_args()
 
@@ -154,6 +154,15 @@ def main() -> None:
                 else f"{r['time_s'] * 1e3:9.1f} ms {r['peak_mb']:8.1f} MB".rjust(24)
             )
         print(row.ljust(16) + "".join(cells))
+    print("\ntime growth between consecutive sizes (linear: x N ratio, quadratic: x N ratio²)")
+    for row in ROWS:
+        pairs = zip(args.sizes, args.sizes[1:], strict=False)
+        growth = [
+            f"{a}->{b}: x{results[row][b]['time_s'] / results[row][a]['time_s']:.1f}"
+            for a, b in pairs
+            if "time_s" in results[row][a] and "time_s" in results[row][b]
+        ]
+        print(row.ljust(16) + "   ".join(growth))
     for row in ROWS:
         for n in args.sizes:
             if "skipped" in results[row][n]:

@@ -169,6 +169,37 @@ def test_the_dataloader_pipeline_equals_the_model_on_each_tile(tiny_cohort):
     assert TileDataset(ref.path, scales, tiles, 32)[0].shape == (3, 32, 32)  # input_px
 
 
+def test_reader_processes_serve_slide_after_slide_and_are_replaced_after_a_failure(
+    tiny_cohort, tmp_path
+):
+    from wsimil import features
+
+    out, table = tiny_cohort
+    ex = build_extractor(fcfg(), tile_px=64)
+    datasets = []
+    for rel in table.path[:3]:
+        with open_slide(SlideRef("s", out / rel)) as slide:
+            scales = [slide.scale("10x", 64), slide.scale("20x", 64)]
+        tiles = np.array([[0, 0, 0], [1, 256, 128], [0, 384, 256], [1, 512, 384], [0, 640, 512]])
+        datasets.append(TileDataset(out / rel, scales, tiles, None))
+    loader = features._thread_loader(2, False)
+    for ds in datasets:
+        got = embed(ex, ds, batch_size=2, num_workers=2)
+        np.testing.assert_allclose(got, embed(ex, ds, batch_size=5, num_workers=0), atol=1e-5)
+        assert features._thread_loader(2, False) is loader  # same reader processes
+    assert len({tuple(embed(ex, ds, batch_size=2, num_workers=2)[0]) for ds in datasets}) == 3
+
+    broken = TileDataset(tmp_path / "gone.tiff", scales, tiles, None)
+    with pytest.raises(Exception, match="Unsupported or missing image file"):
+        embed(ex, broken, batch_size=2, num_workers=2)
+    assert features._thread_loader(2, False) is not loader  # replaced
+    np.testing.assert_allclose(
+        embed(ex, datasets[0], batch_size=2, num_workers=2),
+        embed(ex, datasets[0], batch_size=5, num_workers=0),
+        atol=1e-5,
+    )
+
+
 def test_features_for_slide_writes_the_contract_and_skips_when_up_to_date(tiny_cohort, tmp_path):
     out, table = tiny_cohort
     ref = SlideRef("s0", out / table.path[0])

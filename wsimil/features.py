@@ -1,8 +1,9 @@
 """Batched embedding of a slide's selected tiles → its 10× and 20× feature caches.
 
-Tiles are read by DataLoader worker processes (each opens its own OpenSlide handle), the
-network runs in the calling process under ``torch.inference_mode`` (CUDA autocast on a
-GPU), and both scales of a slide go through the network in the same batches. The result is
+Tiles are read by DataLoader worker processes that serve one slide after another (each
+keeps its own OpenSlide handles), the network runs in the calling thread under
+``torch.inference_mode`` (CUDA autocast on a GPU), and both scales of a slide go through
+the network in the same batches. The result is
 written as one HDF5 file per scale (contract in :mod:`wsimil.cache`).
 
 Workers start from a forkserver, not by forking the caller: the caller runs several
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,6 +36,60 @@ log = logging.getLogger(__name__)
 CODE_MODULES = ("wsimil.slide", "wsimil.tiles", "wsimil.extractors", "wsimil.features")
 
 
+@dataclass(frozen=True)
+class TileRequest:
+    """One tile to read: a slide file, how its scale is read, the level-0 top-left."""
+
+    path: str
+    scale: Scale
+    x0: int
+    y0: int
+    out_px: int | None = None  # resize for the network (None: as cut)
+
+
+class TileReader(Dataset):
+    """``reader[request]`` is the requested tile as a uint8 (3, H, W) tensor.
+
+    Any tile of any slide: each process keeps its last ``max_open`` slides open, so one
+    worker process can serve one slide after another.
+    """
+
+    def __init__(self, max_open: int = 4):
+        self.max_open = max_open
+        self._handles: OrderedDict[str, object] = OrderedDict()
+
+    def __getstate__(self) -> dict:  # a worker opens its own handles
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+    def _handle(self, path: str):
+        if path in self._handles:
+            self._handles.move_to_end(path)
+        else:
+            import openslide
+
+            self._handles[path] = openslide.OpenSlide(path)
+            if len(self._handles) > self.max_open:
+                self._handles.popitem(last=False)[1].close()
+        return self._handles[path]
+
+    def __getitem__(self, req: TileRequest) -> torch.Tensor:
+        scale = req.scale
+        region = self._handle(req.path).read_region(
+            (req.x0, req.y0), scale.level, (scale.read_px, scale.read_px)
+        )
+        tile = scale.to_tile(rgba_to_rgb(np.asarray(region)))  # (tile_px, tile_px, 3)
+        if req.out_px and req.out_px != tile.shape[0]:
+            from PIL import Image
+
+            size = (req.out_px, req.out_px)
+            tile = np.array(Image.fromarray(tile).resize(size, Image.Resampling.BILINEAR))
+        return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)  # (3, H, W)
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.popitem()[1].close()
+
+
 class TileDataset(Dataset):
     """Tiles of one slide as uint8 (3, H, W) tensors.
 
@@ -45,36 +102,75 @@ class TileDataset(Dataset):
 
     def __init__(self, path: Path, scales: list[Scale], tiles: np.ndarray, out_px: int | None):
         self.path, self.scales, self.tiles, self.out_px = str(path), scales, tiles, out_px
-        self._osr = None  # opened lazily, once per worker process
+        self._reader = TileReader(max_open=1)
 
     def __len__(self) -> int:
         return len(self.tiles)
 
-    def __getstate__(self) -> dict:  # a worker opens its own handle
-        return {**self.__dict__, "_osr": None}
-
-    def close(self) -> None:
-        """Close this process's handle (worker processes close theirs when they exit)."""
-        if self._osr is not None:
-            self._osr.close()
-            self._osr = None
+    def request(self, i: int) -> TileRequest:
+        s, x0, y0 = (int(v) for v in self.tiles[i])
+        return TileRequest(self.path, self.scales[s], x0, y0, self.out_px)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self._osr is None:
-            import openslide
+        return self._reader[self.request(i)]
 
-            self._osr = openslide.OpenSlide(self.path)
-        s, x0, y0 = (int(v) for v in self.tiles[i])
-        scale = self.scales[s]
-        region = self._osr.read_region((x0, y0), scale.level, (scale.read_px, scale.read_px))
-        tile = scale.to_tile(rgba_to_rgb(np.asarray(region)))  # (tile_px, tile_px, 3)
-        if self.out_px and self.out_px != tile.shape[0]:
-            from PIL import Image
+    def close(self) -> None:
+        self._reader.close()
 
-            tile = np.array(
-                Image.fromarray(tile).resize((self.out_px, self.out_px), Image.BILINEAR)
-            )
-        return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)  # (3, H, W)
+
+class _Batches:
+    """A batch sampler whose batches are replaced before each slide."""
+
+    def __init__(self):
+        self.batches: list[list[TileRequest]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class TileLoader:
+    """A DataLoader over a :class:`TileReader` whose worker processes outlive one slide."""
+
+    def __init__(self, num_workers: int, *, pin_memory: bool):
+        self.sampler = _Batches()
+        self.loader = DataLoader(
+            TileReader(),
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            persistent_workers=True,
+            pin_memory=pin_memory,
+            prefetch_factor=4,
+            multiprocessing_context=worker_context(),
+        )
+
+    def batches(self, requests: list[TileRequest], batch_size: int):
+        """An iterator of uint8 (B, 3, H, W) batches of ``requests``, in order."""
+        self.sampler.batches = [
+            requests[i : i + batch_size] for i in range(0, len(requests), batch_size)
+        ]
+        return iter(self.loader)
+
+
+@cache
+def worker_context():
+    """The forkserver context, with this module (and so torch, OpenSlide) preloaded once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+_local = threading.local()  # one TileLoader per thread and setting (= per slide in flight)
+
+
+def _thread_loader(num_workers: int, pin_memory: bool, *, fresh: bool = False) -> TileLoader:
+    loaders = _local.__dict__.setdefault("loaders", {})
+    key = (num_workers, pin_memory)
+    if fresh or key not in loaders:  # a dropped loader's workers exit when it is collected
+        loaders[key] = TileLoader(num_workers, pin_memory=pin_memory)
+    return loaders[key]
 
 
 def embed(
@@ -85,32 +181,41 @@ def embed(
     num_workers: int,
     desc: str = "",
 ) -> np.ndarray:
-    """(N, D) float32 features of every item of ``dataset``, in order."""
+    """(N, D) float32 features of every item of ``dataset``, in order.
+
+    With ``num_workers`` > 0 a :class:`TileDataset` is read by the calling thread's
+    reader processes, which stay up from slide to slide (starting them costs more than
+    embedding a small slide); after a failure they are replaced.
+    """
     from tqdm.auto import tqdm
 
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=extractor.cuda,
-        prefetch_factor=4 if num_workers else None,
-        multiprocessing_context=worker_context() if num_workers else None,
-    )
+    persistent = num_workers > 0 and isinstance(dataset, TileDataset)
+    if persistent:
+        requests = [dataset.request(i) for i in range(len(dataset))]
+        batches = _thread_loader(num_workers, extractor.cuda).batches(requests, batch_size)
+    else:
+        batches = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=extractor.cuda,
+            prefetch_factor=4 if num_workers else None,
+            multiprocessing_context=worker_context() if num_workers else None,
+        )
     out = np.empty((len(dataset), extractor.dim), np.float32)
+    n_batches = -(-len(dataset) // batch_size)
     i = 0
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        feats = extractor(batch)  # (B, D)
-        out[i : i + len(feats)] = feats.numpy()
-        i += len(feats)
+    try:
+        for batch in tqdm(batches, desc=desc, total=n_batches, unit="batch", leave=False,
+                          disable=None):  # fmt: skip
+            feats = extractor(batch)  # (B, D)
+            out[i : i + len(feats)] = feats.numpy()
+            i += len(feats)
+    except BaseException:
+        if persistent:
+            _thread_loader(num_workers, extractor.cuda, fresh=True)
+        raise
     return out
-
-
-@cache
-def worker_context():
-    """The forkserver context, with this module (and so torch, OpenSlide) preloaded once."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
 
 
 @dataclass(frozen=True)
