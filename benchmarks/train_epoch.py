@@ -19,7 +19,7 @@ import torch
 
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.models import MODELS, build_model
-from wsimil.train import SlideBag, batches, clip_groups, to_model_input
+from wsimil.train import SlideBag, batches, clip_groups, to_model_input, train_step
 
 PAPER_SLIDES, TILES, DIM = 546, 200, 2048
 PAPER_SECONDS = 4.05  # DMSMIL paper, RTX 3060
@@ -56,14 +56,7 @@ def epoch_seconds(family: str, bags: list[SlideBag], device: torch.device) -> fl
         torch.cuda.synchronize()
     start = time.perf_counter()
     for batch in steps:
-        inputs, y = to_model_input(batch, device)
-        loss = model.loss(model(inputs), y)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            for params in groups:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        train_step(model, batch, opt, groups, cfg.grad_clip, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * PAPER_SLIDES / len(bags)

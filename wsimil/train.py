@@ -78,6 +78,26 @@ def clip_groups(model: MILModel) -> list[list[Tensor]]:
     return groups() if callable(groups) else [list(model.parameters())]
 
 
+def train_step(
+    model: MILModel,
+    batch: Sequence[SlideBag],
+    optimiser: torch.optim.Optimizer,
+    groups: list[list[Tensor]],
+    grad_clip: float | None,
+    device: torch.device,
+) -> tuple[float, dict[str, float]]:
+    """One optimiser step on one batch (the model's own loss); the loss and its parts."""
+    inputs, y = to_model_input(batch, device)
+    loss, parts = model.loss(model(inputs), y)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        for params in groups:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimiser.step()
+    return float(loss.detach()), parts
+
+
 @torch.no_grad()
 def predict(
     model: MILModel, bags: Sequence[SlideBag], device: torch.device, batch_size: int = 1
@@ -155,15 +175,8 @@ def fit(
         model.train()
         total, parts_sum = 0.0, {}
         for batch in batches(train, cfg.batch_size, rng.permutation(len(train))):
-            inputs, y = to_model_input(batch, device)
-            loss, parts = model.loss(model(inputs), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                for params in groups:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimiser.step()
-            total += float(loss.detach()) * len(batch)
+            loss, parts = train_step(model, batch, optimiser, groups, cfg.grad_clip, device)
+            total += loss * len(batch)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * len(batch)
         lr = optimiser.param_groups[0]["lr"]  # the rate this epoch trained with
