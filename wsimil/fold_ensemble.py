@@ -52,7 +52,11 @@ class BagResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
+    """``auto``: CUDA when present, else CPU.
+
+    Deliberately not ``wsimil.train.resolve_device``: importing train pulls scikit-learn
+    (metrics) into the served model, whose pinned requirements leave it out.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
