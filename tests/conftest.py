@@ -46,3 +46,11 @@ def tiny_cohort(tmp_path_factory, tiny_synth_config):
     out = tmp_path_factory.mktemp("cohort")
     table = write_cohort(tiny_synth_config, out)
     return out, table
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """A real project (8 slides → tiles → ResNet-18 random features → 2 folds) built by the CLI."""
+    from projects import build_tiny_project
+
+    return build_tiny_project(tmp_path_factory.mktemp("tiny") / "project")
