@@ -3,10 +3,12 @@
     prefect server start --host 127.0.0.1          # in one shell (UI: http://127.0.0.1:4200)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python flows/serve.py                          # in another, from the project folder
+    python flows/serve.py --params /data/study/params.yaml   # or for another project
 
 The extraction deployments default to the tiles/features sections of params.yaml (read
 through the CLI's loader, with paths made absolute), so pressing Run does what `dvc repro`
-would; every parameter can be changed in the form.
+would; the model-side deployments default to that project's folder. Every parameter can be
+changed in the form.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def deployments(params_path: Path = ROOT / "params.yaml") -> list:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from prefect import serve
 
-    serve(*deployments())
+    parser = argparse.ArgumentParser(description="Serve the wsimil flows as deployments.")
+    parser.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml", help="the project's params.yaml"
+    )
+    serve(*deployments(parser.parse_args().params))
