@@ -51,14 +51,14 @@ def clean_env(project: Path, **extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
-    """Run ``cmd``; fail with its output when it exits non-zero; return its stdout."""
+    """Run ``cmd``; fail with its output when it exits non-zero; return stdout + stderr."""
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(
             f"`{' '.join(cmd)}` exited {done.returncode}:\n"
             f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def wsimil(args: list[str], project: Path, env: dict[str, str] | None = None) -> str:

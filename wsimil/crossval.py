@@ -26,7 +26,7 @@ from wsimil.config import ModelConfig, TrainConfig
 from wsimil.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
 from wsimil.metrics import choose_threshold, predict_labels, slide_metrics, summarize
 from wsimil.models import MODELS, build_model
-from wsimil.tracking import flatten, git_state
+from wsimil.tracking import flatten, git_state, start_top_run
 from wsimil.train import SlideBag, fit, predict, resolve_device
 
 
@@ -283,11 +283,8 @@ def run_crossval(
             **(extra_params or {}),
         }
     )
-    mlflow.set_experiment(experiment)
     folds: list[FoldResult] = []
-    with mlflow.start_run(
-        run_name=run_name or f"{family}-cv", nested=mlflow.active_run() is not None
-    ) as parent:
+    with start_top_run(experiment, run_name or f"{family}-cv") as parent:
         mlflow.set_tags({**tags, "run_kind": "crossval"})
         mlflow.log_params(params)
         for fold in splits["folds"]:

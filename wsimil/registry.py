@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 from wsimil.fold_ensemble import read_manifest
 from wsimil.model_card import model_card
 from wsimil.serve import BUNDLE, example_request, request_signature
+from wsimil.tracking import start_top_run
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY = PACKAGE_DIR / "serve_entry.py"
@@ -256,8 +257,7 @@ def register(
         The registration record (name, version, aliases, whether champion moved and why).
     """
     client = MlflowClient()
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"register-{name}") as run:
+    with start_top_run(experiment, f"register-{name}") as run:
         info, doc = log_ensemble(
             models_dir,
             extraction=extraction,

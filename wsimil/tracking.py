@@ -10,10 +10,28 @@ This module is the only one (with ``crossval``/``tune``/``registry``) that impor
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import yaml
+
+LAUNCHER_RUN = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's command
+
+
+def start_top_run(experiment: str, run_name: str):
+    """The run a command records into: a new one in ``experiment``, nested if one is active.
+
+    Under ``mlflow run`` (an MLproject entry point) the launcher has already opened a run
+    and says so in ``MLFLOW_RUN_ID``: that run becomes the command's run, so the project
+    run holds the results (its experiment is the one given to ``mlflow run``).
+    """
+    import mlflow
+
+    if mlflow.active_run() is None and os.environ.get(LAUNCHER_RUN):
+        return mlflow.start_run()
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None)
 
 
 def git_state(root: Path) -> dict[str, str]:
