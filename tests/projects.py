@@ -37,7 +37,9 @@ TINY_PARAMS = {
     "train": {family: SMALL_TRAIN for family in ("abmil", "dtfd", "dmsmil", "damil")},
     "tune": {"n_trials": 2, "pruner": "none",
              "space": {"dtfd": {"model.dtfd.n_pseudo_bags": {"kind": "int", "low": 2,
-                                                             "high": 3}}}},
+                                                             "high": 3}},
+                       "dmsmil": {"model.dmsmil.lam": {"kind": "float", "low": 0.1,
+                                                       "high": 1.0}}}},
 }  # fmt: skip
 
 

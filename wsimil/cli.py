@@ -368,7 +368,7 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
             experiment=params.crossval.experiment,
             extraction=extraction,
             serve_config=params.serve.model_dump(mode="json"),
-            requirements=serving_requirements(root / "requirements.lock"),
+            requirements=serving_requirements(),
             champion_margin=cfg.champion_margin,
             lineage={
                 **git_state(root),

@@ -39,6 +39,7 @@ from wsimil.tracking import start_top_run
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY = PACKAGE_DIR / "serve_entry.py"
+LOCK = PACKAGE_DIR.parent / "requirements.lock"  # the checkout's, beside the package
 # Every third-party distribution the served code imports (tests/test_registry.py checks the
 # list against the imports), pinned from requirements.lock at registration.
 SERVING_PACKAGES = (
@@ -56,8 +57,18 @@ class RegistryError(Exception):
 # --- what the model carries -----------------------------------------------------------------
 
 
-def serving_requirements(lock: Path, packages: tuple[str, ...] = SERVING_PACKAGES) -> list[str]:
-    """``name==version`` for each package, the versions taken from ``lock``."""
+def serving_requirements(
+    lock: Path = LOCK, packages: tuple[str, ...] = SERVING_PACKAGES
+) -> list[str]:
+    """``name==version`` for each package, the versions taken from ``lock``.
+
+    The default lock is the one of the checkout wsimil runs from (a project folder need not
+    hold one); an installed copy without a checkout pins what is installed.
+    """
+    if lock == LOCK and not lock.exists():
+        from importlib.metadata import version
+
+        return [f"{p}=={version(p)}" for p in packages]
     pins = {}
     for line in Path(lock).read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
