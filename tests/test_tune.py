@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -69,6 +70,15 @@ def test_overrides_are_validated():
     assert p.train.dtfd.lr == 0.01 and p.model.dtfd.distill == "mas"
     with pytest.raises(ConfigError, match="distill"):
         with_overrides(Params(), {"model.dtfd.distill": "mean"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="psycopg 3 installed")
+def test_storage_url_with_a_missing_driver_says_which_url_to_write(tmp_path):
+    # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; wsimil installs psycopg2.
+    url = "postgresql://wsimil:secret@127.0.0.1:9/optuna"
+    with pytest.raises(ConfigError, match=r"driver 'psycopg'.*postgresql\+psycopg2://") as exc:
+        make_storage(url, tmp_path / "journal.log")
+    assert "secret" not in str(exc.value)
 
 
 WORKER = textwrap.dedent(

@@ -8,7 +8,8 @@
   :func:`init_study` before workers start: concurrent first use of an empty database races.
 - MLflow: one parent run per study (its id lives in the study's user attributes, so every
   worker nests under the same run), one nested run per trial (a cross-validation run with
-  a ``trial_state`` tag), and the folds nested under that.
+  ``trial_state`` and ``worker`` tags), and the folds nested under that. ``worker``
+  (``host:pid``, also the trial's user attribute) says which process ran a trial.
 - Output: ``<out_dir>/<family>/best.json`` (value, params, trial number, MLflow run id) and
   the best trial's cross-validation folder as ``<out_dir>/<family>/best/`` (its fold
   models are what ``register`` publishes).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,9 +71,25 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchParam]) -> dict[str, obj
 
 
 def make_storage(url: str | None, journal_path: Path) -> optuna.storages.BaseStorage:
-    """A journal file (default) or an RDB storage for ``url``."""
+    """A journal file (default) or an RDB storage for ``url``.
+
+    Raises:
+        ConfigError: the URL names a database driver that is not installed.
+    """
     if url:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except ImportError as exc:  # Optuna wraps SQLAlchemy's ModuleNotFoundError
+            from sqlalchemy.engine import make_url
+
+            missing = getattr(exc.__cause__, "name", None) or str(exc.__cause__ or exc)
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise ConfigError(
+                f"tune storage {shown} (WSIMIL_TUNE_STORAGE or tune.storage): its database "
+                f"driver '{missing}' is not installed; name an installed one in the URL, e.g. "
+                "postgresql+psycopg2://user:pass@host/optuna (SQLAlchemy 2.1 reads "
+                "postgresql:// as psycopg 3)"
+            ) from None
     from optuna.storages.journal import JournalFileBackend
 
     journal_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +159,10 @@ def run_study(
     )
     parent_id = study.user_attrs["mlflow_run_id"]
     client = mlflow.MlflowClient()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker)  # set first: a failed trial names its worker too
         overrides = suggest(trial, space)
         trial_params = with_overrides(params, overrides)
         with mlflow.start_run(run_id=parent_id):
@@ -155,6 +175,7 @@ def run_study(
             )
         trial.set_user_attr("mlflow_run_id", cv.parent_run_id)
         client.set_tag(cv.parent_run_id, "trial_number", str(trial.number))
+        client.set_tag(cv.parent_run_id, "worker", worker)
         if cv.stopped:
             client.set_tag(cv.parent_run_id, "trial_state", "pruned")
             raise optuna.TrialPruned(f"pruned after fold {cv.folds[-1].fold}")
