@@ -18,12 +18,13 @@ listed in the report, and the run goes on.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -31,9 +32,11 @@ from wsimil.config import FeaturesConfig, TilesConfig
 from wsimil.report import SlideOutcome, write_report
 from wsimil.slide import SlideError, SlideRef, read_slide_table
 
-if TYPE_CHECKING:  # torch is imported only by the features flow
-    from wsimil.extractors import Extractor
-
+DAEMON_WORKER = (
+    "this Dask worker is a daemon process, which cannot start the features.num_workers tile "
+    "reader processes; start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False or set "
+    "features.num_workers: 0"
+)
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -75,20 +78,24 @@ def tiles_task(ref: SlideRef, tiles: TilesConfig) -> SlideOutcome:
 def features_task(
     ref: SlideRef,
     tiles_done: SlideOutcome,
-    extractor: Extractor,
     tiles: TilesConfig,
     features: FeaturesConfig,
     features_root: Path,
 ) -> SlideOutcome:
+    """Embed one slide with this process's network (built once per process, not shipped)."""
+    from wsimil.extractors import ExtractorError, shared_extractor
     from wsimil.features import features_for_slide
     from wsimil.tiles import read_selection, tiles_path
 
+    if features.num_workers and multiprocessing.current_process().daemon:
+        return Failed(message=DAEMON_WORKER)
     try:
+        extractor = shared_extractor(features, tiles.tile_px)
         sel = read_selection(tiles_path(tiles.out_dir, ref.slide_id))
         result = features_for_slide(
             ref, sel, extractor, features, features_root, mpp_override=tiles.mpp_override
         )
-    except SlideError as exc:
+    except (SlideError, ExtractorError) as exc:
         return Failed(message=str(exc))
     return SlideOutcome(
         ref.slide_id,
@@ -104,17 +111,38 @@ def features_task(
 def _outcome(ref: SlideRef, future) -> SlideOutcome:
     """The task's outcome, or a failed one whose error names the slide."""
     future.wait()
-    if future.state.is_completed():
+    state = future.state
+    if state.is_completed():
         return future.result()
-    error = _message(future.state)
+    error = _message(state)
+    if not state.is_final():  # it never finished, e.g. its Dask worker died or failed it
+        error = _raised(future) or error
     if not error.startswith(f"slide {ref.slide_id} "):  # e.g. an I/O error after the retries
         error = f"slide {ref.slide_id} ({ref.path}): {error}"
     return SlideOutcome(ref.slide_id, str(ref.path), "failed", error=error)
 
 
+def _raised(future) -> str:
+    """What the future raises when asked for its result ("" if nothing)."""
+    try:
+        future.result(timeout=0, raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - reported, not handled
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def _message(state: State) -> str:
     exc = state.data if isinstance(state.data, BaseException) else None
     return str(exc) if exc else (state.message or state.name)
+
+
+def _runner_name() -> str:
+    """Where this flow's tasks run, for the report: ``threads (2)``, ``dask tcp://...``."""
+    runner = FlowRunContext.get().task_runner
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return f"threads ({runner._max_workers})"
+    n_local = (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers")
+    return f"dask local:{n_local}" if n_local else f"dask {getattr(runner, 'address', '')}"
 
 
 def _log(outcomes: list[SlideOutcome]) -> None:
@@ -140,6 +168,7 @@ def select_tiles(tiles: TilesConfig = TilesConfig()) -> list[SlideOutcome]:
     summary = {
         "step": "tiles",
         "seconds": round(time.perf_counter() - start, 2),
+        "task_runner": _runner_name(),
         "tiles": tiles.model_dump(mode="json"),
     }
     write_report(tiles.report, outcomes, summary)
@@ -152,18 +181,18 @@ def extract_features(
 ) -> list[SlideOutcome]:
     """Tiles → embedding → 10× and 20× caches for every slide; write the report."""
     from wsimil.cache import features_dir
-    from wsimil.extractors import ExtractorError, build_extractor
+    from wsimil.extractors import ExtractorError, shared_extractor
 
     start = time.perf_counter()
     try:
         refs = read_slide_table(tiles.slides_csv)
-        extractor = build_extractor(features, tiles.tile_px)
+        extractor = shared_extractor(features, tiles.tile_px)  # the tasks of this process reuse it
     except (SlideError, ExtractorError) as exc:
         return Failed(message=str(exc))
     root = features_dir(features.out_dir, features.extractor)
     tile_futures = tiles_task.map(refs, unmapped(tiles))
     feature_futures = features_task.map(
-        refs, tile_futures, unmapped(extractor), unmapped(tiles), unmapped(features), unmapped(root)
+        refs, tile_futures, unmapped(tiles), unmapped(features), unmapped(root)
     )
     outcomes = []
     for ref, tf, ff in zip(refs, tile_futures, feature_futures, strict=True):
@@ -173,6 +202,7 @@ def extract_features(
     summary = {
         "step": "features",
         "seconds": round(time.perf_counter() - start, 2),
+        "task_runner": _runner_name(),
         "features_dir": str(root),
         "extractor": extractor.name,
         "weights": extractor.weights,
@@ -185,15 +215,27 @@ def extract_features(
     return outcomes
 
 
-def run(which: str, tiles: TilesConfig, features: FeaturesConfig | None = None):
-    """Run a flow with ``concurrent_slides`` task threads; return its final state."""
-    if which == "tiles":
-        runner = ThreadPoolTaskRunner(max_workers=tiles.concurrent_slides)
-        return select_tiles.with_options(task_runner=runner)(tiles=tiles, return_state=True)
-    runner = ThreadPoolTaskRunner(max_workers=features.concurrent_slides)
-    return extract_features.with_options(task_runner=runner)(
-        tiles=tiles, features=features, return_state=True
-    )
+def run(which: str, tiles: TilesConfig, features: FeaturesConfig | None = None, dask=None) -> State:
+    """Run a flow and return its final state.
+
+    Args:
+        which: ``tiles`` or ``features``.
+        tiles: the tiles section.
+        features: the features section (for ``features``).
+        dask: a parsed ``--dask`` value (:func:`flows.runners.parse_dask`): None for
+            ``concurrent_slides`` task threads, N for a local cluster of N worker processes,
+            or a scheduler address.
+    """
+    from flows.runners import api_for_workers, task_runner
+
+    cfg = tiles if which == "tiles" else features
+    runner = task_runner(dask, threads=cfg.concurrent_slides)
+    with api_for_workers(dask):
+        if which == "tiles":
+            return select_tiles.with_options(task_runner=runner)(tiles=tiles, return_state=True)
+        return extract_features.with_options(task_runner=runner)(
+            tiles=tiles, features=features, return_state=True
+        )
 
 
 if __name__ == "__main__":  # python flows/extract.py: serve both flows for the Prefect UI

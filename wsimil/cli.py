@@ -108,24 +108,45 @@ def synth(params_path: ParamsOption = Path("params.yaml")) -> None:
     typer.echo(f"wrote {len(table)} slides ({n_pos} with tumour) to {out_dir}")
 
 
+DaskOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dask",
+        envvar="WSIMIL_DASK_ADDRESS",
+        show_envvar=True,
+        help="run the slide tasks on Dask: a scheduler address (tcp://10.0.0.5:8786) or "
+        "local:N (a cluster of N worker processes here); default: concurrent_slides threads",
+    ),
+]
+
+
 @app.command()
-def tiles(params_path: ParamsOption = Path("params.yaml")) -> None:
+def tiles(dask: DaskOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Select the densest 10x tiles and one 20x child each, per slide (Prefect flow)."""
     params, root = project(params_path)
-    _run_extraction("tiles", params, root)
+    _run_extraction("tiles", params, root, dask)
 
 
 @app.command()
-def features(params_path: ParamsOption = Path("params.yaml")) -> None:
+def features(dask: DaskOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Embed the selected tiles into per-slide 10x/20x HDF5 feature caches (Prefect flow)."""
     params, root = project(params_path)
-    _run_extraction("features", params, root)
+    _run_extraction("features", params, root, dask)
 
 
-def _run_extraction(which: str, params: Params, root: Path) -> None:
+def _run_extraction(which: str, params: Params, root: Path, dask: str | None) -> None:
     """Run a flow of flows/extract.py; print failures; exit 1 if any slide failed."""
     import logging
     import os
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a local cluster's chatter
+    runners = _flows("runners")
+    try:
+        cluster = runners.parse_dask(dask)
+        if isinstance(cluster, str):
+            runners.check_scheduler(cluster)
+    except runners.DaskSpecError as exc:
+        fail(str(exc))
 
     if "PREFECT_API_URL" not in os.environ:
         # Prefect's temporary server, stopped at exit, can log a traceback for events it is
@@ -138,7 +159,7 @@ def _run_extraction(which: str, params: Params, root: Path) -> None:
     for key in ("extractor", "weights"):  # a relative file name: under the project root
         if (root / getattr(feats_cfg, key)).is_file():
             feats_cfg = feats_cfg.model_copy(update={key: str(root / getattr(feats_cfg, key))})
-    state = _flows("extract").run(which, tiles_cfg, feats_cfg)
+    state = _flows("extract").run(which, tiles_cfg, feats_cfg, dask=cluster)
     if not state.is_completed():
         fail(state.message or f"the {which} flow did not complete")
     outcomes = state.result()

@@ -398,3 +398,38 @@ def sha256_file(path: Path) -> str:
                 digest.update(chunk)
         _HASHES[key] = digest.hexdigest()
     return _HASHES[key]
+
+
+# --- one network per process --------------------------------------------------------------
+
+_shared: dict[tuple, Extractor] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_extractor(cfg, tile_px: int) -> Extractor:
+    """The extractor of :func:`build_extractor`, built once per process and then reused.
+
+    Every slide task of a process calls this instead of receiving the network as an
+    argument, so a Dask worker builds it once instead of unpickling it for every slide, and
+    the threads of one process share one model (and one GPU). Only the latest network is
+    kept, so a long-lived worker that switches extractors frees the previous one. A weights
+    or TorchScript file that changed on disk gives a new key, so it is rebuilt.
+    """
+    key = _shared_key(cfg, tile_px)
+    with _shared_lock:  # concurrent first calls build once; the others wait for it
+        if key not in _shared:
+            _shared.clear()
+            _shared[key] = build_extractor(cfg, tile_px)
+        return _shared[key]
+
+
+def _shared_key(cfg, tile_px: int) -> tuple:
+    """What the network depends on, including the size and time stamp of a local file."""
+    fields = ("extractor", "weights", "allow_network", "init_seed", "input_px", "device")
+    stamps = []
+    for name in (cfg.extractor, cfg.weights):
+        path = Path(name)
+        if path.suffix and path.is_file():
+            stat = path.stat()
+            stamps.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return (*(getattr(cfg, f) for f in fields), tile_px, *stamps)
