@@ -81,6 +81,29 @@ def test_storage_url_with_a_missing_driver_says_which_url_to_write(tmp_path):
     assert "secret" not in str(exc.value)
 
 
+def test_unreachable_storage_is_one_clear_line_from_the_cli(tmp_path, repo_root):
+    from projects import clean_env, free_port
+
+    url = f"postgresql+psycopg2://wsimil:secret@127.0.0.1:{free_port()}/optuna"  # nobody there
+    with pytest.raises(ConfigError, match="cannot connect") as exc:
+        make_storage(url, tmp_path / "journal.log")
+    assert "secret" not in str(exc.value) and "***" in str(exc.value)
+
+    space = (
+        "tune:\n  space:\n    dtfd:\n      model.dtfd.n_pseudo_bags: {kind: int, low: 2, high: 3}\n"
+    )
+    (tmp_path / "params.yaml").write_text(space)
+    env = clean_env(tmp_path, WSIMIL_TUNE_STORAGE=url)
+    done = subprocess.run(
+        [sys.executable, "-m", "wsimil", "tune", "--model", "dtfd", "--init-only",
+         "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: tune storage postgresql+psycopg2://wsimil:***@")
+    assert "Traceback" not in done.stderr and "secret" not in done.stderr
+
+
 WORKER = textwrap.dedent(
     """
     import sys, json

@@ -316,16 +316,16 @@ def tune(
 
     params, root = project(params_path, sets)
     family = _family(params, model)
-    from wsimil.tune import check_space, init_study, make_storage, run_study
+    from wsimil.tune import check_space, init_study, make_storage, run_study, shown_url
 
     cfg = params.tune
-    try:
-        check_space(params, family)
-    except ConfigError as exc:
-        fail(str(exc))
     out_dir = root / cfg.out_dir / family
     url = os.environ.get("WSIMIL_TUNE_STORAGE") or cfg.storage
-    storage = make_storage(url, out_dir / "journal.log")
+    try:
+        check_space(params, family)
+        storage = make_storage(url, out_dir / "journal.log")
+    except ConfigError as exc:
+        fail(str(exc))
     study_name = cfg.study_name or f"{params.crossval.experiment}-{family}"
     init_study(
         storage,
@@ -336,7 +336,7 @@ def tune(
         startup=cfg.pruner_startup_trials,
     )
     if init_only:
-        typer.echo(f"study {study_name} ready in {url or out_dir / 'journal.log'}")
+        typer.echo(f"study {study_name} ready in {shown_url(url) or out_dir / 'journal.log'}")
         return
     run = _crossval_runner(params, root, family)
     doc = run_study(

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import optuna
 
 from wsimil.config import ConfigError, Params, SearchParam, with_overrides
 from wsimil.crossval import CVResult, FoldResult
+from wsimil.tracking import start_top_run
 
 CONFIG_PREFIX = {"abmil": "abmil", "dtfd": "dtfd", "dmsmil": "dmsmil", "damil": "dmsmil"}
 
@@ -74,26 +76,49 @@ def make_storage(url: str | None, journal_path: Path) -> optuna.storages.BaseSto
     """A journal file (default) or an RDB storage for ``url``.
 
     Raises:
-        ConfigError: the URL names a database driver that is not installed.
+        ConfigError: the URL is malformed, names a database driver that is not installed,
+            or its server cannot be reached (the message hides the password).
     """
     if url:
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-        except ImportError as exc:  # Optuna wraps SQLAlchemy's ModuleNotFoundError
-            from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, OperationalError
 
+        where = f"tune storage {shown_url(url)} (WSIMIL_TUNE_STORAGE or tune.storage)"
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except ImportError as exc:  # Optuna wraps SQLAlchemy's ModuleNotFoundError
             missing = getattr(exc.__cause__, "name", None) or str(exc.__cause__ or exc)
-            shown = make_url(url).render_as_string(hide_password=True)
             raise ConfigError(
-                f"tune storage {shown} (WSIMIL_TUNE_STORAGE or tune.storage): its database "
-                f"driver '{missing}' is not installed; name an installed one in the URL, e.g. "
-                "postgresql+psycopg2://user:pass@host/optuna (SQLAlchemy 2.1 reads "
-                "postgresql:// as psycopg 3)"
+                f"{where}: its database driver '{missing}' is not installed; name an "
+                "installed one in the URL, e.g. postgresql+psycopg2://user:pass@host/optuna "
+                "(SQLAlchemy 2.1 reads postgresql:// as psycopg 3)"
+            ) from None
+        except ArgumentError as exc:
+            raise ConfigError(f"{where}: not a database URL ({exc})") from None
+        except OperationalError as exc:
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"{where}: cannot connect ({first}); check the host, port, database and "
+                "password, and that the server is running"
             ) from None
     from optuna.storages.journal import JournalFileBackend
 
     journal_path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path)))
+
+
+def shown_url(url: str | None) -> str | None:
+    """``url`` with its password masked, for messages and logs."""
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
 
 
 def make_pruner(name: str, startup_trials: int) -> optuna.pruners.BasePruner:
@@ -117,8 +142,7 @@ def init_study(
         pruner=make_pruner(pruner, startup),
     )
     if "mlflow_run_id" not in study.user_attrs:
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=f"tune-{study_name}") as run:
+        with start_top_run(experiment, f"tune-{study_name}") as run:
             mlflow.set_tags({"run_kind": "study", "study_name": study_name})
         study.set_user_attr("mlflow_run_id", run.info.run_id)
     return study
