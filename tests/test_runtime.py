@@ -23,3 +23,12 @@ def test_defaults_fill_unset_and_keep_set(tmp_path, monkeypatch):
     assert os.environ["DVC_NO_ANALYTICS"] == "1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert apply_runtime_defaults(tmp_path)["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+
+
+def test_prefects_temporary_server_gets_time_to_start_on_a_busy_machine(tmp_path, monkeypatch):
+    from prefect.settings import Settings
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert Settings().server.ephemeral.startup_timeout_seconds == 20  # Prefect's own
+    apply_runtime_defaults(tmp_path)
+    assert Settings().server.ephemeral.startup_timeout_seconds == 120
