@@ -236,12 +236,3 @@ def run(which: str, tiles: TilesConfig, features: FeaturesConfig | None = None, 
         return extract_features.with_options(task_runner=runner)(
             tiles=tiles, features=features, return_state=True
         )
-
-
-if __name__ == "__main__":  # python flows/extract.py: serve both flows for the Prefect UI
-    from prefect import serve
-
-    serve(
-        select_tiles.to_deployment("wsimil-tiles"),
-        extract_features.to_deployment("wsimil-features"),
-    )

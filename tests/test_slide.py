@@ -149,3 +149,6 @@ def test_slide_table_errors_name_the_file(tmp_path):
         read_slide_table(csv)
     with pytest.raises(SlideError, match="no such slide table"):
         read_slide_table(tmp_path / "none.csv")
+    csv.write_text("slide_id,path\na,a.svs\nb,\n")  # an empty path on line 3
+    with pytest.raises(SlideError, match=r"empty path on line\(s\) \[3\]; fill it in"):
+        read_slide_table(csv)

@@ -47,7 +47,8 @@ def read_slide_table(csv_path: Path) -> list[SlideRef]:
     """Read ``slides.csv``; relative paths are relative to the csv's folder.
 
     Raises:
-        SlideError: the table is missing, lacks a required column or repeats a slide_id.
+        SlideError: the table is missing, lacks a required column, has an empty slide_id or
+            path, or repeats a slide_id.
     """
     csv_path = Path(csv_path)
     try:
@@ -59,6 +60,13 @@ def read_slide_table(csv_path: Path) -> list[SlideRef]:
     missing = {"slide_id", "path"} - set(table.columns)
     if missing:
         raise SlideError(f"{csv_path}: missing column(s) {sorted(missing)}")
+    for column in ("slide_id", "path"):
+        empty = table.index[table[column].isna() | (table[column].str.strip() == "")]
+        if len(empty):
+            rows = [int(i) + 2 for i in empty[:5]]  # file line numbers (line 1 is the header)
+            raise SlideError(
+                f"{csv_path}: empty {column} on line(s) {rows}; fill it in or remove the row"
+            )
     dup = table["slide_id"][table["slide_id"].duplicated()].tolist()
     if dup:
         raise SlideError(f"{csv_path}: slide_id repeated: {dup[:5]}")
