@@ -8,6 +8,7 @@ Servers are started in their own process group on 127.0.0.1 and stopped by that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,11 +46,39 @@ TINY_PARAMS = {
 
 def clean_env(project: Path, **extra: str) -> dict[str, str]:
     """The environment of a user in ``project``: the venv on PATH, no inherited servers."""
-    drop = {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "WSIMIL_TUNE_STORAGE"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    # MLflow's set_tracking_uri/set_registry_uri/set_experiment in the test process write
+    # MLFLOW_* variables that outlive them; a user's shell has none of those.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("MLFLOW_") and k != "MLFLOW_DISABLE_TELEMETRY")
+        and k not in {"PREFECT_API_URL", "WSIMIL_TUNE_STORAGE", "WSIMIL_DASK_ADDRESS"}
+    }
     env["PREFECT_HOME"] = str(project / ".prefect")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
+
+
+@contextlib.contextmanager
+def mlflow_store(uri: str):
+    """Point this process's MLflow tracking and registry at ``uri``, then undo it all.
+
+    MLflow's setters also write ``MLFLOW_*`` environment variables, which ``None`` does not
+    remove; they are restored here so later tests and subprocesses do not inherit them.
+    """
+    import mlflow
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            del os.environ[k]
+        os.environ.update(saved)
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:

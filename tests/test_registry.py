@@ -46,6 +46,8 @@ def test_champion_rule(new, champion, margin, expected):
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):  # MLflow's setters write
+            mp.delenv(var, raising=False)  # them; undone when the context ends
         uri = isolated_store(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         yield root

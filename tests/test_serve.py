@@ -49,6 +49,8 @@ def served(tmp_path_factory, repo_root):
     """Registered DTFD-MIL and DMSMIL ensembles: {family: (Fitted, champion URI)}."""
     root = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):  # MLflow's setters write
+            mp.delenv(var, raising=False)  # them; undone when the context ends
         mp.setenv("MLFLOW_TRACKING_URI", isolated_store(root))
         mp.delenv(SLIDE_ROOT_ENV, raising=False)
         out = {}

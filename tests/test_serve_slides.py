@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from projects import wsimil
+from projects import mlflow_store, wsimil
 
 from wsimil.cache import read_pair
 from wsimil.serve import SLIDE_ROOT_ENV
@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 def registered(tiny_project):
     wsimil(["tune", "--model", "dmsmil", "--n-trials", "1"], tiny_project)
     wsimil(["register", "--model", "dmsmil"], tiny_project)
-    client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'mlruns.db'}")
+    store = f"sqlite:///{tiny_project / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_registered_model("wsimil-dmsmil").aliases["champion"]
     return client.get_model_version("wsimil-dmsmil", version)
 
@@ -35,9 +36,9 @@ def test_slide_path_replays_the_pipelines_two_scale_extraction(
 ):
     cohort = tiny_project / "data" / "cohort"
     slides = pd.read_csv(cohort / "slides.csv").head(3)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_project / 'mlruns.db'}")
     monkeypatch.setenv(SLIDE_ROOT_ENV, str(cohort))
-    model = mlflow.pyfunc.load_model(f"models:/wsimil-dmsmil/{registered.version}")
+    with mlflow_store(f"sqlite:///{tiny_project / 'mlruns.db'}"):
+        model = mlflow.pyfunc.load_model(f"models:/wsimil-dmsmil/{registered.version}")
 
     by_path = [{"bag_id": r.slide_id, "slide_path": r.path} for r in slides.itertuples()]
     cached = []
