@@ -28,6 +28,11 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+try:
+    from flows.runners import deployment_runner
+except ImportError:  # loaded by path from a deployment's entrypoint: flows/ is on sys.path
+    from runners import deployment_runner
+
 from wsimil.config import FeaturesConfig, TilesConfig
 from wsimil.report import SlideOutcome, write_report
 from wsimil.slide import SlideError, SlideRef, read_slide_table
@@ -154,7 +159,11 @@ def _log(outcomes: list[SlideOutcome]) -> None:
             logger.warning("slide %s: only %d tissue tiles, all kept", o.slide_id, o.n_tiles)
 
 
-@flow(name="wsimil-tiles", task_runner=ThreadPoolTaskRunner(max_workers=2))
+# Deployments run the flows with this runner; the CLI picks its own (see run()).
+DEFAULT_RUNNER = deployment_runner(__name__)
+
+
+@flow(name="wsimil-tiles", task_runner=DEFAULT_RUNNER)
 def select_tiles(tiles: TilesConfig = TilesConfig()) -> list[SlideOutcome]:
     """Select tiles for every slide of ``tiles.slides_csv``; write the report."""
     start = time.perf_counter()
@@ -175,7 +184,7 @@ def select_tiles(tiles: TilesConfig = TilesConfig()) -> list[SlideOutcome]:
     return outcomes
 
 
-@flow(name="wsimil-features", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="wsimil-features", task_runner=DEFAULT_RUNNER)
 def extract_features(
     tiles: TilesConfig = TilesConfig(), features: FeaturesConfig = FeaturesConfig()
 ) -> list[SlideOutcome]:

@@ -7,6 +7,7 @@ run` call the same API, so the test presses it with the CLI.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -40,7 +41,10 @@ def prefect_api(tmp_path_factory):
 def served(prefect_api, tiny_project):
     """`python flows/serve.py --params <tiny project>` against the server; stopped first."""
     api, home = prefect_api
-    env = clean_env(tiny_project, PREFECT_API_URL=api, PREFECT_HOME=str(home))
+    # the extraction deployments fan out over a local 2-worker Dask cluster per run
+    env = clean_env(
+        tiny_project, PREFECT_API_URL=api, PREFECT_HOME=str(home), WSIMIL_DASK_ADDRESS="local:2"
+    )
     params = str(tiny_project / "params.yaml")
     cmd = [sys.executable, str(REPO / "flows" / "serve.py"), "--params", params]
     serving = Server(cmd, env, home / "serve.log", cwd=REPO)
@@ -118,3 +122,27 @@ def test_a_bad_parameter_fails_the_run_with_the_clis_message(served, tiny_projec
     state = requests.get(f"{api}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
     assert state["type"] == "FAILED"
     assert "unknown parameter 'train.abmil.epoch' (did you mean 'epochs'?)" in state["message"]
+
+
+def test_extraction_deployments_fan_out_over_dask(served, tiny_project):
+    api, env = served
+    report = tiny_project / "reports" / "tiles.json"
+    before = json.loads(report.read_text())["task_runner"]
+    assert before.startswith("threads")  # the CLI built the project on threads
+    cmd = [
+        str(BIN / "prefect"), "deployment", "run", "wsimil-tiles/wsimil-tiles",
+        "--watch", "--watch-timeout", "300",
+    ]  # fmt: skip
+    out = run(cmd, tiny_project, env, timeout=360)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    state = requests.get(f"{api}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
+    assert state["type"] == "COMPLETED", state
+    doc = json.loads(report.read_text())
+    assert doc["task_runner"] == "dask local:2"
+    assert {r["status"] for r in doc["slides"]} == {"cached"}  # same tiles, nothing redone
+    task_runs = requests.post(
+        f"{api}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
+        timeout=5,
+    ).json()
+    assert len(task_runs) == 8 and {t["state"]["type"] for t in task_runs} == {"COMPLETED"}
