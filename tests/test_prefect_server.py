@@ -77,17 +77,27 @@ def test_the_served_deployments_carry_the_projects_defaults(served, tiny_project
     assert schema["model"]["enum"] == ["abmil", "dtfd", "damil", "dmsmil"]
 
 
-def test_a_run_triggered_with_a_changed_parameter_lands_in_mlflow(served, tiny_project):
+def trigger(served, project, deployment: str, *params: str) -> tuple[str, dict]:
+    """`prefect deployment run NAME -p ... --watch` (what the UI's Run does); (id, state)."""
     api, env = served
-    cmd = [
-        str(BIN / "prefect"), "deployment", "run", "wsimil-crossval/wsimil-crossval",
-        "--param", "model=abmil",
-        "--param", 'overrides={"train.abmil.epochs": "1", "train.abmil.lr": "0.0007"}',
-        "--watch", "--watch-timeout", "300",
-    ]  # fmt: skip
-    out = run(cmd, tiny_project, env, timeout=360)
+    cmd = [str(BIN / "prefect"), "deployment", "run", deployment]
+    for p in params:
+        cmd += ["--param", p]
+    cmd += ["--watch", "--watch-timeout", "300"]
+    try:
+        out = run(cmd, project, env, timeout=360)
+    except AssertionError as failed:  # --watch exits non-zero when the run fails
+        out = str(failed)
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-    state = requests.get(f"{api}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
+    return flow_run_id, requests.get(f"{api}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
+
+
+def test_a_run_triggered_with_a_changed_parameter_lands_in_mlflow(served, tiny_project):
+    api, _ = served
+    flow_run_id, state = trigger(
+        served, tiny_project, "wsimil-crossval/wsimil-crossval", "model=abmil",
+        'overrides={"train.abmil.epochs": "1", "train.abmil.lr": "0.0007"}',
+    )  # fmt: skip
     assert state["type"] == "COMPLETED", state
 
     # The flow logs the CLI's last line, which names the MLflow run it created.
@@ -110,32 +120,20 @@ def test_a_run_triggered_with_a_changed_parameter_lands_in_mlflow(served, tiny_p
 
 
 def test_a_bad_parameter_fails_the_run_with_the_clis_message(served, tiny_project):
-    api, env = served
-    cmd = [
-        str(BIN / "prefect"), "deployment", "run", "wsimil-crossval/wsimil-crossval",
-        "--param", "model=abmil", "--param", 'overrides={"train.abmil.epoch": "1"}',
-        "--watch", "--watch-timeout", "300",
-    ]  # fmt: skip
-    with pytest.raises(AssertionError) as failed:
-        run(cmd, tiny_project, env, timeout=360)
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", str(failed.value)).group(1)
-    state = requests.get(f"{api}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
+    _, state = trigger(
+        served, tiny_project, "wsimil-crossval/wsimil-crossval", "model=abmil",
+        'overrides={"train.abmil.epoch": "1"}',
+    )  # fmt: skip
     assert state["type"] == "FAILED"
     assert "unknown parameter 'train.abmil.epoch' (did you mean 'epochs'?)" in state["message"]
 
 
 def test_extraction_deployments_fan_out_over_dask(served, tiny_project):
-    api, env = served
+    api, _ = served
     report = tiny_project / "reports" / "tiles.json"
     before = json.loads(report.read_text())["task_runner"]
     assert before.startswith("threads")  # the CLI built the project on threads
-    cmd = [
-        str(BIN / "prefect"), "deployment", "run", "wsimil-tiles/wsimil-tiles",
-        "--watch", "--watch-timeout", "300",
-    ]  # fmt: skip
-    out = run(cmd, tiny_project, env, timeout=360)
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-    state = requests.get(f"{api}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
+    flow_run_id, state = trigger(served, tiny_project, "wsimil-tiles/wsimil-tiles")
     assert state["type"] == "COMPLETED", state
     doc = json.loads(report.read_text())
     assert doc["task_runner"] == "dask local:2"
