@@ -35,12 +35,10 @@ import numpy as np
 import requests
 import torch
 
-from wsimil.config import ModelConfig, ServeConfig
+from wsimil.config import ModelConfig
 from wsimil.crossval import CVResult, FoldResult, save_fold_models
 from wsimil.fold_ensemble import FoldEnsemble
 from wsimil.models import MODELS, build_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def random_bag(n: int, dim: int, n_scales: int, seed: int = 0):
@@ -87,7 +85,7 @@ def make_model(family: str, folds: int, dim: int, out: Path) -> tuple[Path, tupl
 def register_random(family: str, folds: int, dim: int, tmp: Path) -> str:
     import mlflow
 
-    from wsimil.registry import register, serving_requirements
+    from wsimil.registry import register
 
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -99,8 +97,6 @@ def register_random(family: str, folds: int, dim: int, tmp: Path) -> str:
         f"bench-{family}",
         experiment="bench",
         extraction=None,
-        serve_config=ServeConfig().model_dump(mode="json"),
-        requirements=serving_requirements(REPO / "requirements.lock"),
         champion_margin=0.0,
         lineage={},
     )

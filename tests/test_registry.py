@@ -15,7 +15,6 @@ import pytest
 from mlflow import MlflowClient
 from serving import fit_ensemble, isolated_store
 
-from wsimil.config import ServeConfig
 from wsimil.registry import (
     SERVING_PACKAGES,
     RegistryError,
@@ -84,8 +83,6 @@ def test_champion_moves_only_on_a_better_cv_auc(store, repo_root):
             name,
             experiment="wsimil-test",
             extraction=extraction,
-            serve_config=ServeConfig().model_dump(mode="json"),
-            requirements=serving_requirements(repo_root / "requirements.lock"),
             champion_margin=0.05,
             lineage={"git_commit": "fallback", "data_version": "fallback"},
             extra_tags={"n_slides": "18"},

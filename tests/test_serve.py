@@ -10,11 +10,6 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,22 +17,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from projects import BIN, Server, free_port
 from serving import SCALES, fit_ensemble, isolated_store, npy_b64, reference_answer, request_row
 
-from wsimil.config import ServeConfig
 from wsimil.fold_ensemble import PRIMARY_SCORE
-from wsimil.registry import register, serving_requirements
+from wsimil.registry import register
 from wsimil.serve import SLIDE_ROOT_ENV
 
 
-def publish(models_dir: Path, name: str, repo_root: Path, extraction=None) -> str:
+def publish(models_dir: Path, name: str, extraction=None) -> str:
     register(
         models_dir,
         name,
         experiment="wsimil-test",
         extraction=extraction,
-        serve_config=ServeConfig().model_dump(mode="json"),
-        requirements=serving_requirements(repo_root / "requirements.lock"),
         champion_margin=0.0,
         lineage={},
     )
@@ -45,7 +38,7 @@ def publish(models_dir: Path, name: str, repo_root: Path, extraction=None) -> st
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, repo_root):
+def served(tmp_path_factory):
     """Registered DTFD-MIL and DMSMIL ensembles: {family: (Fitted, champion URI)}."""
     root = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as mp:
@@ -56,7 +49,7 @@ def served(tmp_path_factory, repo_root):
         out = {}
         for family in ("dtfd", "dmsmil"):
             fitted = fit_ensemble(family, root / family)
-            out[family] = (fitted, publish(fitted.models_dir, f"wsimil-test-{family}", repo_root))
+            out[family] = (fitted, publish(fitted.models_dir, f"wsimil-test-{family}"))
         out["root"] = root
         yield out
     mlflow.set_tracking_uri(None)
@@ -221,12 +214,6 @@ def test_answers_keep_request_order_and_ids(served):
 # --- the real server ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(served, tmp_path_factory):
     """`mlflow models serve` of the DTFD champion on 127.0.0.1; stopped by its process group."""
@@ -235,46 +222,29 @@ def server(served, tmp_path_factory):
     _, uri = served["dtfd"]
     slides = tmp_path_factory.mktemp("slides")
     (slides / "inside.tiff").write_bytes(b"not a slide")
-    port, bin_dir = free_port(), Path(sys.executable).parent
+    port = free_port()
     env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn via the shell
+        **os.environ,  # the served fixture's tracking store
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn via the shell
         SLIDE_ROOT_ENV: str(slides),
         "SERVING_MODEL_CONFIG": json.dumps({"max_instances": 30}),  # override at serve time
     }
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115
-    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
-    proc = subprocess.Popen(
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
+    proc = Server(
         [*cmd, "-h", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: uvicorn is a grandchild
-    )
+        env,
+        tmp_path_factory.mktemp("server") / "server.log",
+    )  # its own process group: uvicorn is a grandchild
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(
-                    f"the server did not come up (exit {proc.poll()}):\n{log.read()[-3000:]}"
-                )
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        proc.wait_until(
+            lambda: requests.get(f"{url}/ping", timeout=2).status_code == 200,
+            180,
+            "mlflow models serve",
+        )
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+        proc.stop()
 
 
 @pytest.mark.slow
@@ -329,7 +299,7 @@ def test_http_server_refuses_bad_requests_and_keeps_serving(server, served):
 
 
 def test_slide_path_replays_the_recorded_tiles_and_extractor(
-    served, tiny_cohort, monkeypatch, tmp_path, repo_root
+    served, tiny_cohort, monkeypatch, tmp_path
 ):
     """A slide sent by path gets the answer its pipeline-made feature cache gets."""
     from wsimil.cache import bag_path, read_bag
@@ -355,7 +325,7 @@ def test_slide_path_replays_the_recorded_tiles_and_extractor(
     assert extraction["tile_px"] == 64 and extraction["weights"] == "random"
 
     fitted = fit_ensemble("dtfd", root / "model", d=extractor.dim, epochs=1)
-    uri = publish(fitted.models_dir, "wsimil-test-slides", repo_root, extraction)
+    uri = publish(fitted.models_dir, "wsimil-test-slides", extraction)
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(ref.path, slides / "one.tiff")

@@ -365,7 +365,7 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
     family = _family(params, model)
     from wsimil.cache import features_dir
     from wsimil.fold_ensemble import EnsembleError, read_manifest
-    from wsimil.registry import RegistryError, serving_requirements
+    from wsimil.registry import RegistryError
     from wsimil.registry import register as publish
     from wsimil.slide_bag import ExtractionError, recorded_extraction
     from wsimil.tracking import dvc_out_hash, git_state
@@ -389,7 +389,6 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
             experiment=params.crossval.experiment,
             extraction=extraction,
             serve_config=params.serve.model_dump(mode="json"),
-            requirements=serving_requirements(),
             champion_margin=cfg.champion_margin,
             lineage={
                 **git_state(root),

@@ -32,6 +32,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from wsimil.config import ServeConfig
 from wsimil.fold_ensemble import read_manifest
 from wsimil.model_card import model_card
 from wsimil.serve import BUNDLE, example_request, request_signature
@@ -250,16 +251,18 @@ def register(
     *,
     experiment: str,
     extraction: dict | None,
-    serve_config: dict,
-    requirements: list[str],
     champion_margin: float,
     lineage: dict[str, str],
+    serve_config: dict | None = None,
+    requirements: list[str] | None = None,
     carry_extractor: bool = True,
     extra_tags: dict[str, str] | None = None,
 ) -> dict:
     """Log, register and gate one fold ensemble (see the module docstring).
 
     Args:
+        serve_config: the params.yaml ``serve`` section (default: its defaults).
+        requirements: pins for the served environment (default: ``serving_requirements()``).
         lineage: fallback tags (current git state, data version) for what the source run
             does not record.
         extra_tags: more version tags (e.g. the tuning trial).
@@ -272,8 +275,8 @@ def register(
         info, doc = log_ensemble(
             models_dir,
             extraction=extraction,
-            serve_config=serve_config,
-            requirements=requirements,
+            serve_config=serve_config or ServeConfig().model_dump(mode="json"),
+            requirements=requirements or serving_requirements(),
             carry_extractor=carry_extractor,
         )
         tags = version_tags(
