@@ -61,7 +61,7 @@ def clean_env(project: Path, **extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def mlflow_store(uri: str):
-    """Point this process's MLflow tracking and registry at ``uri``, then undo it all.
+    """Point this process (and its children) at the MLflow store ``uri``, then undo it all.
 
     MLflow's setters also write ``MLFLOW_*`` environment variables, which ``None`` does not
     remove; they are restored here so later tests and subprocesses do not inherit them.
@@ -71,6 +71,7 @@ def mlflow_store(uri: str):
     saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # for servers this process starts
     try:
         yield uri
     finally:

@@ -7,6 +7,7 @@ on the synthetic bags of ``test_train.make_bags``; the tests never need the demo
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from projects import mlflow_store
 from test_train import SMALL, make_bags
 
 from wsimil.config import ModelConfig, TrainConfig
@@ -36,14 +38,13 @@ class Fitted:
     held_out: list[SlideBag]  # bags no fold saw, to score
 
 
-def isolated_store(root: Path, experiment: str = "wsimil-test") -> str:
-    """A sqlite tracking + registry store under ``root``, artifacts beside it."""
-    uri = f"sqlite:///{root / 'mlruns.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
-    return uri
+@contextlib.contextmanager
+def isolated_store(root: Path, experiment: str = "wsimil-test"):
+    """A sqlite tracking + registry store under ``root``, artifacts beside it; its URI."""
+    with mlflow_store(f"sqlite:///{root / 'mlruns.db'}") as uri:
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+        yield uri
 
 
 def fit_ensemble(

@@ -44,14 +44,8 @@ def test_champion_rule(new, champion, margin, expected):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):  # MLflow's setters write
-            mp.delenv(var, raising=False)  # them; undone when the context ends
-        uri = isolated_store(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
+    with isolated_store(root):
         yield root
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def with_auc(models_dir, dest, auc):

@@ -41,10 +41,7 @@ def publish(models_dir: Path, name: str, extraction=None) -> str:
 def served(tmp_path_factory):
     """Registered DTFD-MIL and DMSMIL ensembles: {family: (Fitted, champion URI)}."""
     root = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):  # MLflow's setters write
-            mp.delenv(var, raising=False)  # them; undone when the context ends
-        mp.setenv("MLFLOW_TRACKING_URI", isolated_store(root))
+    with isolated_store(root), pytest.MonkeyPatch.context() as mp:
         mp.delenv(SLIDE_ROOT_ENV, raising=False)
         out = {}
         for family in ("dtfd", "dmsmil"):
@@ -52,8 +49,6 @@ def served(tmp_path_factory):
             out[family] = (fitted, publish(fitted.models_dir, f"wsimil-test-{family}"))
         out["root"] = root
         yield out
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 @pytest.mark.parametrize("family", ["dtfd", "dmsmil"])
