@@ -102,7 +102,9 @@ def run_job(dataset: str, model: str, epochs: int | None, seed: int) -> dict:
         stats = [np.concatenate([bench.bags[i] for i in tr]) for tr in train]
         mean = torch.from_numpy(np.stack([s.mean(0) for s in stats]))
         std = torch.from_numpy(np.stack([s.std(0) for s in stats])).clamp_min(1e-6)
-        ens = Ensemble(lambda: build_model(model, cfg, [bench.n_features], 2), len(group), seed)
+        ens = Ensemble(
+            lambda s: build_model(model, cfg, [bench.n_features], 2, seed=s), len(group), seed
+        )
         ens.fit(
             data,
             labels,

@@ -54,3 +54,12 @@ def tiny_project(tmp_path_factory) -> Path:
     from projects import build_tiny_project
 
     return build_tiny_project(tmp_path_factory.mktemp("tiny") / "project")
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Print the random test order's seed (pytest-randomly), so a failure can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and not getattr(config.option, "randomly_dont_reorganize", False):
+        terminalreporter.write_line(
+            f"tests ran in random order, seed {seed}; replay with --randomly-seed={seed}"
+        )

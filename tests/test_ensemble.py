@@ -35,15 +35,15 @@ def test_vmapped_runs_equal_sequential_runs():
     data = PaddedBags.from_list(bags)
     mean, std = torch.randn(3, 5) * 0.1, torch.rand(3, 5) + 0.5
 
-    def make():
-        return build_model("abmil", CFG, [5], 2)
+    def make(seed: int):
+        return build_model("abmil", CFG, [5], 2, seed=seed)
 
     ens = Ensemble(make, 3, seed=7)
     ens.fit(data, labels, train, mean, std, epochs=2, lr=1e-2, weight_decay=1e-3)
     got = ens.predict_proba(data, test, mean, std)  # (R, T, C)
 
-    torch.manual_seed(7)
-    models = [make() for _ in range(3)]
+    torch.manual_seed(7)  # dropout draws
+    models = [make(s) for s in Ensemble.init_seeds(7, 3)]
     for r, model in enumerate(models):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3, fused=True)
         rng = np.random.default_rng([7, r])
@@ -66,7 +66,7 @@ def test_dtfd_and_damil_ensembles_learn_a_separable_toy():
     bags, labels, train, test = toy(1)
     for name, grid in (("dtfd", False), ("damil", True)):
         data = PaddedBags.from_list(bags, row_major_grid=grid)
-        ens = Ensemble(lambda n=name: build_model(n, CFG, [5], 2), 3, seed=0)
+        ens = Ensemble(lambda s, n=name: build_model(n, CFG, [5], 2, seed=s), 3, seed=0)
         zeros, ones = torch.zeros(3, 5), torch.ones(3, 5)
         history = ens.fit(data, labels, train, zeros, ones, epochs=10, lr=2e-2, weight_decay=0)
         assert history[-1] < 0.5 * history[0], (name, history)

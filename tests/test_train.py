@@ -15,7 +15,7 @@ from wsimil.config import (
 )
 from wsimil.metrics import slide_metrics
 from wsimil.models import MODELS, build_model
-from wsimil.train import SlideBag, fit, predict
+from wsimil.train import SlideBag, feature_stats, fit, predict
 
 SMALL = ModelConfig(
     abmil=ABMILConfig(hidden_dims=(32,), attention_dim=16, dropout=0.0),
@@ -50,13 +50,21 @@ def train_cfg(epochs: int = 12) -> TrainConfig:
 def run(family: str, *, shuffle_labels: bool = False, epochs: int = 12):
     n_scales = MODELS[family].n_scales
     train, val, test = (make_bags(n, n_scales, s) for n, s in ((40, 1), (12, 2), (40, 3)))
-    if shuffle_labels:
-        perm = np.random.default_rng(0).permutation([b.label for b in train])
-        train = [
-            SlideBag(b.slide_id, int(y), b.x, b.grid) for b, y in zip(train, perm, strict=True)
-        ]
+    if shuffle_labels:  # train and val: true validation labels would pick a lucky epoch
+        rng = np.random.default_rng(0)
+
+        def shuffled(bags):
+            perm = rng.permutation([b.label for b in bags])
+            return [
+                SlideBag(b.slide_id, int(y), b.x, b.grid) for b, y in zip(bags, perm, strict=True)
+            ]
+
+        train, val = shuffled(train), shuffled(val)
     model = build_model(family, SMALL, [12] * n_scales, 2)
-    result = fit(model, train, val, train_cfg(epochs))
+    if epochs:
+        result = fit(model, train, val, train_cfg(epochs))
+    else:  # the untrained model, standardised with the training bags' statistics
+        result = model.set_feature_stats(*feature_stats(train))
     proba, _, _ = predict(model, test, torch.device("cpu"))
     y = np.array([b.label for b in test])
     return result, proba, slide_metrics(y, proba, 0.5)["auc"]
@@ -67,7 +75,11 @@ def test_learns_the_signal_and_not_shuffled_labels(family):
     _, _, auc = run(family)
     assert auc > 0.9, f"{family} reached AUC {auc:.3f} on a separable MIL task"
     _, _, auc_shuffled = run(family, shuffle_labels=True)
-    assert auc_shuffled < 0.8, f"{family} reached AUC {auc_shuffled:.3f} on shuffled labels"
+    # A random-initialised attention model can already rank bags by their outlying
+    # instances (DTFD at init seed 0: AUC 0.90): shuffled labels must not take it past 0.8
+    # or, where the untrained model is already there, not more than 0.1 beyond it.
+    bound = max(0.8, run(family, epochs=0)[2] + 0.1)
+    assert auc_shuffled < bound, f"{family} reached AUC {auc_shuffled:.3f} on shuffled labels"
 
 
 @pytest.mark.parametrize("family", ["abmil", "dtfd"])

@@ -121,16 +121,20 @@ DaskOption = Annotated[
 
 
 @app.command()
-def tiles(dask: DaskOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def tiles(
+    dask: DaskOption = None, sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")
+) -> None:
     """Select the densest 10x tiles and one 20x child each, per slide (Prefect flow)."""
-    params, root = project(params_path)
+    params, root = project(params_path, sets)
     _run_extraction("tiles", params, root, dask)
 
 
 @app.command()
-def features(dask: DaskOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def features(
+    dask: DaskOption = None, sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")
+) -> None:
     """Embed the selected tiles into per-slide 10x/20x HDF5 feature caches (Prefect flow)."""
-    params, root = project(params_path)
+    params, root = project(params_path, sets)
     _run_extraction("features", params, root, dask)
 
 
@@ -192,9 +196,9 @@ def _flows(name: str):
 
 
 @app.command()
-def splits(params_path: ParamsOption = Path("params.yaml")) -> None:
+def splits(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
-    params, root = project(params_path)
+    params, root = project(params_path, sets)
     import pandas as pd
 
     from wsimil.splits import SplitError, make_splits, write_splits

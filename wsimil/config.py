@@ -84,6 +84,9 @@ class FeaturesConfig(Section):
     num_workers: int = Field(2, ge=0, description="DataLoader processes reading tiles")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     concurrent_slides: int = Field(2, ge=1, description="slides in flight (one shared model)")
+    deterministic: bool = Field(
+        False, description="deterministic torch kernels (GPU: slower; CPU is bit-exact anyway)"
+    )
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -181,7 +184,10 @@ class TrainConfig(Section):
     cpu_threads: int | None = Field(
         1, ge=1, description="torch threads on CPU (MIL steps are small: 1 is fastest)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="with the fold and trial, seeds initial weights and order")
+    deterministic: bool = Field(
+        False, description="deterministic torch kernels (GPU: slower; CPU is bit-exact anyway)"
+    )
 
 
 class TrainSection(Section):

@@ -10,6 +10,7 @@ publishes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from wsimil.config import ModelConfig, TrainConfig
 from wsimil.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
 from wsimil.metrics import choose_threshold, predict_labels, slide_metrics, summarize
 from wsimil.models import MODELS, build_model
+from wsimil.seeding import FitSeeds
 from wsimil.tracking import flatten, git_state, start_top_run
 from wsimil.train import SlideBag, fit, predict, resolve_device
 
@@ -72,13 +74,15 @@ def run_fold(
     bags: dict[str, SlideBag],
     classes: list[str],
     on_epoch=None,
+    trial: int | None = None,
 ) -> FoldResult:
-    """Fit and score one fold (no tracking)."""
+    """Fit and score one fold (no tracking); seeded by (train.seed, fold, trial) alone."""
     pick = lambda ids: [bags[s] for s in ids if s in bags]  # noqa: E731
     train, val, test = pick(fold["train"]), pick(fold["val"]), pick(fold["test"])
     in_dims = tuple(x.shape[1] for x in train[0].x)
-    model = build_model(family, model_cfg, in_dims, len(classes))
-    result = fit(model, train, val, train_cfg, on_epoch=on_epoch)
+    seeds = FitSeeds(train_cfg.seed, fold=fold["fold"], trial=trial)
+    model = build_model(family, model_cfg, in_dims, len(classes), seed=seeds.init)
+    result = fit(model, train, val, train_cfg, seeds=seeds, on_epoch=on_epoch)
     device = resolve_device(train_cfg.device)
     val_proba, _, _ = predict(model, val, device)
     y_val = np.array([b.label for b in val])
@@ -205,17 +209,24 @@ def localisation(
     return {f"loc_auc_{k}": float(np.mean(v)) for k, v in per_score.items()}
 
 
+def weights_bytes(state_dict: dict) -> bytes:
+    """A fold's weights as the bytes of its safetensors file (deterministic: sorted keys)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state_dict.items()})
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """The sha256 of a fold's weights file: recorded per fold, checked by ``reproduce``."""
+    return hashlib.sha256(weights_bytes(state_dict)).hexdigest()
+
+
 def save_fold_models(result: CVResult, model_cfg: ModelConfig, scales, out: Path) -> None:
     """Fold state dicts (safetensors, no pickles) and the config needed to rebuild them."""
-    from safetensors.torch import save_file
-
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     for f in result.folds:
-        save_file(
-            {k: v.contiguous() for k, v in f.state_dict.items()},
-            models / f"fold{f.fold}.safetensors",
-        )
+        (models / f"fold{f.fold}.safetensors").write_bytes(weights_bytes(f.state_dict))
     doc = {
         "family": result.family,
         "model": model_cfg.model_dump(mode="json"),
@@ -251,6 +262,7 @@ def run_crossval(
     extra_params: dict | None = None,
     lineage_files: tuple[Path, ...] = (),
     on_fold: Callable[[FoldResult], bool] | None = None,
+    trial: int | None = None,
 ) -> CVResult:
     """Cross-validate ``family`` on ``splits``; track everything in MLflow; write ``out_dir``.
 
@@ -260,6 +272,8 @@ def run_crossval(
         lineage_files: files logged under ``lineage/`` (params.yaml, dvc.lock, splits.json).
         on_fold: called after each fold; returning False stops the cross-validation there
             (a tuner pruning a trial). The result then has ``stopped=True`` and no outputs.
+        trial: the tuning trial's number (None outside a study); with the seed and the fold
+            it seeds each fold's fit (:class:`wsimil.seeding.FitSeeds`).
     """
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
@@ -293,7 +307,7 @@ def run_crossval(
                 mlflow.log_params(params)
                 result = run_fold(
                     family, model_cfg, train_cfg, fold, bags, classes,
-                    on_epoch=lambda e, m: mlflow.log_metrics(m, step=e),
+                    on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), trial=trial,
                 )  # fmt: skip
                 mlflow.log_metrics(
                     {
@@ -303,6 +317,7 @@ def run_crossval(
                         **({"threshold": result.threshold} if result.threshold is not None else {}),
                     }
                 )
+                mlflow.set_tag("weights_sha256", weights_sha256(result.state_dict))
                 folds.append(result)
             if on_fold is not None and not on_fold(result):
                 break

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from wsimil.models.base import Bags, MILModel
+from wsimil.seeding import FitSeeds
 
 
 @dataclass
@@ -69,10 +70,9 @@ class PaddedBags:
 class Ensemble:
     """R independently initialised copies of one model, trained and evaluated together."""
 
-    def __init__(self, make_model: Callable[[], MILModel], n_runs: int, seed: int) -> None:
-        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
-            torch.manual_seed(seed)
-            models = [make_model() for _ in range(n_runs)]
+    def __init__(self, make_model: Callable[[int], MILModel], n_runs: int, seed: int) -> None:
+        """``make_model(init_seed)`` builds one copy; copy r gets ``init_seeds(seed, R)[r]``."""
+        models = [make_model(s) for s in self.init_seeds(seed, n_runs)]
         self.base = copy.deepcopy(models[0])
         params, self.buffers = stack_module_state(models)
         # 2-D weights are stored transposed, (R, in, out): under vmap, F.linear then runs a
@@ -86,6 +86,11 @@ class Ensemble:
         }
         self.n_runs = n_runs
         self.seed = seed
+
+    @staticmethod
+    def init_seeds(seed: int, n_runs: int) -> list[int]:
+        """The initial-weight seed of each copy (the rule of :class:`wsimil.seeding.FitSeeds`)."""
+        return [FitSeeds(seed, fold=r).init for r in range(n_runs)]
 
     @property
     def params(self) -> dict[str, Tensor]:

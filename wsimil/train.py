@@ -22,6 +22,7 @@ from torch import Tensor
 from wsimil.config import TrainConfig
 from wsimil.metrics import slide_metrics
 from wsimil.models import Bags, MILModel, collate
+from wsimil.seeding import FitSeeds, torch_rng, use_deterministic_algorithms
 
 
 @dataclass(frozen=True)
@@ -136,24 +137,32 @@ def fit(
     val: Sequence[SlideBag],
     cfg: TrainConfig,
     *,
+    seeds: FitSeeds | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best epoch's weights.
 
     Args:
-        model: a freshly built model.
+        model: a freshly built model (``build_model(..., seed=seeds.init)``).
         train: training bags.
         val: validation bags; choose the best epoch (AUC) and early stopping.
         cfg: the model family's train section.
+        seeds: the fit's seeds (default: ``cfg.seed``, fold 0, no trial); the slide order
+            and dropout draw from ``seeds.train``, not from the global RNG.
         on_epoch: called with (epoch, metrics) after every epoch (for tracking).
     """
+    seeds = seeds or FitSeeds(cfg.seed)
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_threads:
         # One slide per step is a chain of small ops: thread hand-offs cost more than they
         # save, and several folds or trials may run side by side.
         torch.set_num_threads(cfg.cpu_threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    use_deterministic_algorithms(cfg.deterministic)
+    with torch_rng(seeds.train):
+        return _fit(model, train, val, cfg, device, np.random.default_rng(seeds.train), on_epoch)
+
+
+def _fit(model, train, val, cfg, device, rng, on_epoch) -> FitResult:
     if cfg.standardize:
         model.set_feature_stats(*feature_stats(train))
     model.to(device)

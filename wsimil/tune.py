@@ -196,6 +196,7 @@ def run_study(
                 run_name=f"{family}-trial{trial.number}",
                 on_fold=_trial_callback(trial),
                 extra_params={"trial": {"number": trial.number}},
+                trial=trial.number,
             )
         trial.set_user_attr("mlflow_run_id", cv.parent_run_id)
         client.set_tag(cv.parent_run_id, "trial_number", str(trial.number))
