@@ -89,7 +89,7 @@ def tune_flow(
 
 @flow(name="wsimil-register")
 def register_flow(model: Literal["dtfd", "dmsmil"] = "dtfd", project: str | None = None) -> str:
-    """Register the tuned fold ensemble; the champion alias moves only on a better CV AUC."""
+    """Register the tuned fold ensemble; the champion alias moves only on the gate's evidence."""
     return run_cli(["register", "--model", model], str(project_dir(project))).strip()
 
 

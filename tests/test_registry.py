@@ -5,40 +5,25 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
-import math
 import shutil
 import sys
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from serving import fit_ensemble, isolated_store
+from sklearn.metrics import roc_auc_score
 
+from wsimil.config import ChampionGateConfig
 from wsimil.registry import (
     SERVING_PACKAGES,
     RegistryError,
     canonical_name,
     register,
     serving_requirements,
-    takes_champion,
 )
-
-
-@pytest.mark.parametrize(
-    "new, champion, margin, expected",
-    [
-        (0.80, None, 0.0, True),  # no champion yet
-        (0.80, 0.70, 0.05, True),  # better by more than the margin
-        (0.74, 0.70, 0.05, False),  # better, but within the margin
-        (0.70, 0.70, 0.0, False),  # a tie does not beat
-        (0.60, 0.70, 0.0, False),  # worse
-        (math.nan, None, 0.0, False),  # no AUC: never champion
-        (0.60, math.nan, 0.0, True),  # a champion without AUC yields
-    ],
-)
-def test_champion_rule(new, champion, margin, expected):
-    assert takes_champion(new, champion, margin) is expected
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +33,34 @@ def store(tmp_path_factory):
         yield root
 
 
-def with_auc(models_dir, dest, auc):
-    """A copy of a models folder whose recorded CV AUC is ``auc`` (what the gate reads)."""
-    shutil.copytree(models_dir, dest)
-    doc = json.loads((dest / "ensemble.json").read_text())
-    doc["cv"]["auc_mean"] = auc
-    (dest / "ensemble.json").write_text(json.dumps(doc))
-    return dest
+def scored(fitted, dest, p_tumour=None, swap=()):
+    """A copy of the cross-validation folder (``models/`` + ``report/predictions.csv``).
+
+    ``p_tumour`` replaces the pooled test predictions (one per slide ``s<i>``, by ``i``);
+    ``swap`` names two slides whose test folds trade places. ensemble.json's CV AUC is set
+    to the mean fold AUC of the result, as cross-validation would have recorded it.
+    """
+    shutil.copytree(fitted.models_dir, dest / "models")
+    preds = pd.concat([f.predictions for f in fitted.cv.folds], ignore_index=True)
+    if p_tumour is not None:
+        index = preds["slide_id"].str[1:].astype(int)
+        preds["p_tumour"] = np.asarray(p_tumour)[index]
+        preds["p_normal"] = 1 - preds["p_tumour"]
+    if swap:
+        a, b = (preds.index[preds["slide_id"] == s][0] for s in swap)
+        preds.loc[[a, b], "fold"] = preds.loc[[b, a], "fold"].to_numpy()
+    (dest / "report").mkdir()
+    preds.to_csv(dest / "report" / "predictions.csv", index=False)
+    doc = json.loads((dest / "models" / "ensemble.json").read_text())
+    fold_aucs = [
+        roc_auc_score(g["label"] == "tumour", g["p_tumour"]) for _, g in preds.groupby("fold")
+    ]
+    doc["cv"]["auc_mean"] = float(np.mean(fold_aucs))
+    (dest / "models" / "ensemble.json").write_text(json.dumps(doc))
+    return dest / "models"
 
 
-def test_champion_moves_only_on_a_better_cv_auc(store, repo_root):
+def test_champion_moves_only_on_a_paired_gain_beyond_noise(store, repo_root):
     fitted = fit_ensemble("abmil", store / "abmil", epochs=1)
     with mlflow.start_run(run_name="cv") as source:  # stands for the cross-validation run
         mlflow.set_tags({"data_version": "md5-of-features", "git_commit": "a" * 40})
@@ -70,6 +73,7 @@ def test_champion_moves_only_on_a_better_cv_auc(store, repo_root):
         "input_px": 0, "feature_dim": 12, "weights_path": "",
     }  # fmt: skip
     name = "wsimil-test-gate"
+    gate = ChampionGateConfig(test="bootstrap", confidence=0.95, resamples=500)
 
     def publish(models_dir):
         return register(
@@ -77,43 +81,92 @@ def test_champion_moves_only_on_a_better_cv_auc(store, repo_root):
             name,
             experiment="wsimil-test",
             extraction=extraction,
-            champion_margin=0.05,
+            champion_margin=0.0,
+            champion_gate=gate,
             lineage={"git_commit": "fallback", "data_version": "fallback"},
             extra_tags={"n_slides": "18"},
         )
 
     client = MlflowClient()
-    first = publish(with_auc(fitted.models_dir, store / "v1", 0.70))
+    tags_of = lambda v: client.get_model_version(name, v).tags  # noqa: E731
+    cv_auc = lambda v: float(tags_of(v)["cv_auc_mean"])  # noqa: E731
+    ci = lambda v: tuple(float(tags_of(v)[f"champion_gate_ci_{e}"]) for e in ("low", "high"))  # noqa: E731
+    y = np.arange(18) % 2  # make_bags: slide s<i> is tumour when i is odd
+    weak = 1 / (1 + np.exp(-(0.4 * (2 * y - 1) + np.random.default_rng(3).normal(size=18))))
+    champion = scored(fitted, store / "v1", weak)
+    first = publish(champion)
+    assert first["champion"]["moved"] and first["champion"]["decision"] == "first champion"
     assert client.get_registered_model(name).aliases == {"champion": 1, "challenger": 1}
-    assert first["champion"]["moved"] and first["aliases"] == {"champion": 1, "challenger": 1}
 
-    worse = publish(with_auc(fitted.models_dir, store / "v2", 0.60))
-    assert not worse["champion"]["moved"]
+    # (a) The same fold ensemble again: a zero difference, and the alias stays.
+    same = publish(champion)
+    assert not same["champion"]["moved"] and same["champion"]["decision"] == "stayed"
+    assert same["champion"]["comparison"]["diff"] == 0.0
+    assert float(tags_of("2")["champion_gate_diff"]) == 0.0
+    assert ci("2") == (0.0, 0.0)
     assert client.get_registered_model(name).aliases == {"champion": 1, "challenger": 2}
 
-    within_margin = publish(with_auc(fitted.models_dir, store / "v3", 0.74))
-    assert not within_margin["champion"]["moved"]
+    # (c) A higher mean CV AUC, by noise: the old mean-beats rule would have moved it.
+    noise = np.clip(weak + np.random.default_rng(117).normal(scale=0.15, size=18), 0.01, 0.99)
+    lucky = publish(scored(fitted, store / "v3", noise))
+    assert cv_auc("3") > cv_auc("1")
+    assert ci("3")[0] < 0 < ci("3")[1]  # the interval straddles 0
+    assert not lucky["champion"]["moved"] and lucky["champion"]["decision"] == "stayed"
+    assert lucky["champion"]["reason"].startswith("champion stays version 1: pooled test AUC")
+    assert "does not exceed margin 0.0" in lucky["champion"]["reason"]
     assert client.get_registered_model(name).aliases == {"champion": 1, "challenger": 3}
 
-    better = publish(with_auc(fitted.models_dir, store / "v4", 0.76))
-    assert better["champion"] == {
-        "moved": True, "previous": 1, "previous_cv_auc_mean": 0.70, "margin": 0.05
-    }  # fmt: skip
-    assert client.get_registered_model(name).aliases == {"champion": 4, "challenger": 4}
+    # (d) Clearly better, but scored on other test folds: not compared, the champion stays.
+    perfect = np.where(y == 1, 0.7, 0.3) + np.linspace(0, 0.05, 18)
+    elsewhere = publish(scored(fitted, store / "v4", perfect, swap=("s0", "s2")))
+    assert elsewhere["champion"]["decision"] == "not compared"
+    assert "scored on other test folds" in elsewhere["champion"]["reason"]
+    assert tags_of("4")["test_folds_sha256"] != tags_of("1")["test_folds_sha256"]
+    assert "champion_gate_diff" not in tags_of("4")
+    assert client.get_registered_model(name).aliases == {"champion": 1, "challenger": 4}
 
-    v4 = client.get_model_version(name, "4")
-    tags = v4.tags
-    assert float(tags["cv_auc_mean"]) == pytest.approx(0.76)
+    # (b) Clearly better on the same folds: it takes champion, and the tags hold the CI.
+    better = publish(scored(fitted, store / "v5", perfect))
+    assert better["champion"]["moved"] and better["champion"]["decision"] == "moved"
+    assert client.get_registered_model(name).aliases == {"champion": 5, "challenger": 5}
+    v5 = client.get_model_version(name, "5")
+    tags = v5.tags
+    low, high = ci("5")
+    assert 0 < low < float(tags["champion_gate_diff"]) < high
+    assert tags["champion_gate_vs_version"] == "1" and tags["champion_gate_confidence"] == "0.95"
+    assert tags["champion_gate_test"] == "bootstrap" and tags["champion_gate_n"] == "18"
+    assert "500 label-stratified slide resamples" in tags["champion_gate_rule"]
+    assert (
+        tags["test_folds_sha256"] == client.get_model_version(name, "1").tags["test_folds_sha256"]
+    )
+    assert better["champion"]["comparison"]["low"] == pytest.approx(low, abs=1e-6)
+
+    assert float(tags["cv_auc_mean"]) == pytest.approx(1.0)
     assert tags["data_version"] == "md5-of-features"  # from the source run, not the fallback
     assert tags["git_commit"] == "a" * 40
     assert tags["extractor"] == "resnet18" and tags["extractor_weights"] == "random"
     assert tags["source_run_id"] == source.info.run_id and tags["n_slides"] == "18"
-    card = v4.description
+    card = v5.description
     threshold = sum(doc["thresholds"]) / len(doc["thresholds"])
     for part in ("## Data", "## Metrics", "## Intended use", "## Limits", f"{threshold:.4f}"):
         assert part in card
     assert "random weights" in card
-    assert "| AUC | 0.760 |" in card
+    assert "| AUC | 1.000 |" in card
+    assert "## Champion gate" in card and better["champion"]["reason"] in card
+
+
+def test_predictions_of_another_run_are_refused(store):
+    """Predictions beside models/ that do not give its recorded CV AUC are not evidence."""
+    fitted = fit_ensemble("abmil", store / "stale", epochs=1)
+    models = scored(fitted, store / "stale-copy", np.linspace(0, 1, 18))
+    doc = json.loads((models / "ensemble.json").read_text())
+    doc["cv"]["auc_mean"] -= 0.1
+    (models / "ensemble.json").write_text(json.dumps(doc))
+    with pytest.raises(RegistryError, match="does not match .*ensemble.json.*re-run `wsimil tune`"):
+        register(
+            models, "wsimil-test-stale", experiment="wsimil-test", extraction=None,
+            champion_margin=0.0, lineage={},
+        )  # fmt: skip
 
 
 def test_requirements_are_pinned_from_the_lock(tmp_path, repo_root):

@@ -394,6 +394,7 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
             extraction=extraction,
             serve_config=params.serve.model_dump(mode="json"),
             champion_margin=cfg.champion_margin,
+            champion_gate=cfg.champion_gate,
             lineage={
                 **git_state(root),
                 "data_version": dvc_out_hash(root, params.features.out_dir.as_posix()),
@@ -406,19 +407,9 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
     out = root / cfg.out_dir / f"{family}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
-    champ = record["champion"]
-    if champ["moved"]:
-        verdict = "takes champion"
-    elif champ["previous"] is None:
-        verdict = "no champion: its CV AUC is not a number"
-    else:
-        verdict = (
-            f"champion stays version {champ['previous']} (CV AUC "
-            f"{champ['previous_cv_auc_mean']:.3f}, margin {champ['margin']})"
-        )
     typer.echo(
         f"{name} version {record['version']} (CV AUC {record['cv_auc_mean']:.3f}) is challenger; "
-        f"{verdict} -> {out}"
+        f"{record['champion']['reason']} -> {out}"
     )
 
 

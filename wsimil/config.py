@@ -253,18 +253,38 @@ class TuneConfig(Section):
 # --- registry and serving -------------------------------------------------------------------
 
 
+class ChampionGateConfig(Section):
+    """How sure an AUC gain must be before ``champion`` moves (:mod:`wsimil.champion_gate`).
+
+    Challenger and champion are compared paired, on the test folds both were scored on.
+    """
+
+    test: Literal["bootstrap", "folds"] = Field(
+        "bootstrap",
+        description="bootstrap: resample the pooled test slides; folds: per-fold AUC, "
+        "Nadeau-Bengio corrected paired t",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="one-sided: the gain's lower bound at this level"
+    )
+    resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples")
+
+
 class RegistryConfig(Section):
     """Publish a tuned fold ensemble to the MLflow registry (`wsimil register --model <family>`).
 
     The source is ``<source_dir>/<family>/best/models`` (written by ``wsimil tune``); the
     registered model is ``<name_prefix><family>``. Every new version gets the alias
-    ``challenger``; ``champion`` moves to it only when its CV AUC exceeds the champion's by
-    more than ``champion_margin``.
+    ``challenger``; ``champion`` moves to it only when, on the same test folds, the lower
+    confidence bound of its AUC gain over the champion exceeds ``champion_margin``.
     """
 
     source_dir: Path = Path("results/tune")
     name_prefix: str = Field("wsimil-", min_length=1)
-    champion_margin: float = Field(0.0, ge=0, description="CV AUC gain needed to take champion")
+    champion_margin: float = Field(
+        0.0, ge=0, description="minimum AUC gain over the champion (its lower bound must exceed)"
+    )
+    champion_gate: ChampionGateConfig = ChampionGateConfig()
     out_dir: Path = Path("results/register")
     include_extractor: bool = Field(True, description="carry extractor weights: slide input")
 

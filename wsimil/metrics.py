@@ -42,18 +42,24 @@ def slide_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float | None
     out = {"acc": float(accuracy_score(y_true, pred))}
     if n_classes == 2:
         out["f1"] = float(f1_score(y_true, pred, pos_label=1, zero_division=0))
-        out["auc"] = (
-            float(roc_auc_score(y_true, proba[:, 1])) if len(set(y_true)) > 1 else float("nan")
-        )
     else:
         out["f1"] = float(f1_score(y_true, pred, average="macro", zero_division=0))
-        present = len(set(y_true)) == n_classes
-        out["auc"] = (
-            float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro"))
-            if present
-            else float("nan")
-        )
+    out["auc"] = auc(y_true, proba)
     return out
+
+
+def auc(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """ROC AUC of (n, C) class probabilities against integer labels; NaN if a class is absent.
+
+    Binary: of the positive class's probability; more classes: one-vs-rest macro.
+    """
+    y_true = np.asarray(y_true)
+    proba = np.asarray(proba, dtype=np.float64)
+    if len(set(y_true.tolist())) < proba.shape[1]:
+        return float("nan")
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(y_true, proba[:, 1]))
+    return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro"))
 
 
 def summarize(per_fold: list[dict]) -> dict:

@@ -67,6 +67,12 @@ Per instance: the fold-mean score, top instances returned with their coordinates
 |---|---|---|
 {rows}
 
+## Champion gate
+{get("champion_gate_reason")}.
+
+Rule: {get("champion_gate_rule")}. Evidence: the pooled test predictions of the source
+cross-validation (test folds `{get("test_folds_sha256")}`).
+
 ## Intended use
 Research on whole-slide-image MIL and a worked example of the wsimil MLOps loop
 (features → tuned fold ensemble → registry → serving). Not a medical device; not for

@@ -13,8 +13,12 @@ models of the best Optuna trial) and
    checks that it answers its own input example before registering anything;
 3. registers it as ``<prefix><family>``: version tags (CV metrics, data version, git commit,
    extractor), a model card as the description, alias ``challenger`` on every new version
-   and alias ``champion`` only when the new CV AUC beats the champion's by more than the
-   margin (:func:`takes_champion`).
+   and alias ``champion`` only when the champion gate (:mod:`wsimil.champion_gate`) finds it
+   better, paired on the same test folds, at the stated confidence. The evidence travels
+   with each version: its cross-validation's pooled test predictions
+   (``report/predictions.csv`` beside ``models/``) are logged on the register run under
+   ``evidence/`` (tag ``test_predictions``, with ``test_folds_sha256`` naming the folds they
+   were scored on), and the verdict is recorded as ``champion_gate_*`` tags and in the card.
 
 Aliases are read with ``get_registered_model(name).aliases``: registry *search* results
 come back without them.
@@ -22,6 +26,7 @@ come back without them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -30,9 +35,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 
-from wsimil.config import ServeConfig
+from wsimil.champion_gate import Evidence, EvidenceError, Verdict, decide
+from wsimil.config import ChampionGateConfig, ServeConfig
 from wsimil.fold_ensemble import read_manifest
 from wsimil.model_card import model_card
 from wsimil.serve import BUNDLE, example_request, request_signature
@@ -49,6 +56,7 @@ SERVING_PACKAGES = (
     "pillow", "openslide-python", "openslide-bin", "tqdm",
 )  # fmt: skip
 METRIC_TAGS = ("auc_mean", "auc_std", "acc_mean", "acc_std", "f1_mean", "f1_std")
+PREDICTIONS = Path("report") / "predictions.csv"  # beside models/, as crossval writes them
 
 
 class RegistryError(Exception):
@@ -197,17 +205,53 @@ def log_ensemble(
     return info, doc
 
 
-def takes_champion(new_auc: float, champion_auc: float | None, margin: float) -> bool:
-    """Whether a new version's CV AUC earns the ``champion`` alias.
+# --- the evidence the champion gate reads ---------------------------------------------------
 
-    It must beat the champion's by more than ``margin``; a version without a finite AUC
-    never takes it, and any finite AUC takes it from a champion without one.
+
+def cv_evidence(models_dir: Path, doc: dict) -> Evidence | None:
+    """The pooled test predictions of the cross-validation ``models_dir`` came from.
+
+    Returns:
+        None when the folder beside ``models/`` holds no ``report/predictions.csv``.
+
+    Raises:
+        RegistryError: the predictions do not reproduce the manifest's folds and CV AUC
+            (they belong to another run).
     """
-    if not math.isfinite(new_auc):
-        return False
-    if champion_auc is None or not math.isfinite(champion_auc):
-        return True
-    return new_auc > champion_auc + margin
+    path = Path(models_dir).parent / PREDICTIONS
+    if not path.is_file():
+        return None
+    try:
+        evidence = Evidence.read(path, doc["classes"])
+    except EvidenceError as exc:
+        raise RegistryError(str(exc)) from None
+    aucs = evidence.fold_aucs()
+    finite = [a for a in aucs.values() if math.isfinite(a)]
+    scored = float(np.mean(finite)) if finite else math.nan
+    recorded = float((doc.get("cv") or {}).get("auc_mean", math.nan))
+    same_auc = math.isclose(scored, recorded, abs_tol=1e-6) or (
+        math.isnan(scored) and math.isnan(recorded)
+    )
+    if sorted(aucs) != sorted(int(f) for f in doc["folds"]) or not same_auc:
+        raise RegistryError(
+            f"{path} (folds {sorted(aucs)}, mean fold AUC {scored:.4f}) does not match "
+            f"{Path(models_dir) / 'ensemble.json'} (folds {doc['folds']}, CV AUC "
+            f"{recorded:.4f}): they come from different runs; re-run `wsimil tune`"
+        )
+    return evidence
+
+
+def version_evidence(client: MlflowClient, name: str, version: str) -> Evidence | None:
+    """The test predictions a registered version carries (None: it has none, or they are gone)."""
+    tags = client.get_model_version(name, version).tags
+    if not tags.get("test_predictions"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="wsimil-gate-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(tags["test_predictions"], dst_path=tmp)
+            return Evidence.read(Path(path), tags["classes"].split(","))
+        except (mlflow.exceptions.MlflowException, OSError, EvidenceError):
+            return None
 
 
 def version_tags(doc: dict, lineage: dict[str, str], extraction: dict | None) -> dict[str, str]:
@@ -253,6 +297,7 @@ def register(
     extraction: dict | None,
     champion_margin: float,
     lineage: dict[str, str],
+    champion_gate: ChampionGateConfig | None = None,
     serve_config: dict | None = None,
     requirements: list[str] | None = None,
     carry_extractor: bool = True,
@@ -261,6 +306,9 @@ def register(
     """Log, register and gate one fold ensemble (see the module docstring).
 
     Args:
+        champion_margin: the minimum AUC gain over the champion (``registry.champion_margin``).
+        champion_gate: how sure the gain must be (default: ``registry.champion_gate``'s
+            defaults).
         serve_config: the params.yaml ``serve`` section (default: its defaults).
         requirements: pins for the served environment (default: ``serving_requirements()``).
         lineage: fallback tags (current git state, data version) for what the source run
@@ -271,6 +319,7 @@ def register(
         The registration record (name, version, aliases, whether champion moved and why).
     """
     client = MlflowClient()
+    evidence = cv_evidence(models_dir, read_manifest(models_dir))
     with start_top_run(experiment, f"register-{name}") as run:
         info, doc = log_ensemble(
             models_dir,
@@ -283,17 +332,31 @@ def register(
             doc, {**lineage, **source_lineage(client, doc.get("parent_run_id"))}, extraction
         )
         tags.update(extra_tags or {})
+        if evidence is not None:
+            mlflow.log_artifact(str(Path(models_dir).parent / PREDICTIONS), "evidence")
+            tags["test_predictions"] = f"runs:/{run.info.run_id}/evidence/{PREDICTIONS.name}"
+            tags["test_folds_sha256"] = evidence.folds_sha256
         mlflow.set_tags({**tags, "run_kind": "register", "registered_model": name})
         version = mlflow.register_model(info.model_uri, name, tags=tags).version
-    client.update_model_version(name, version, description=model_card(name, doc, tags))
-    client.set_registered_model_alias(name, "challenger", version)
     new_auc = float((doc.get("cv") or {}).get("auc_mean", math.nan))
     current = client.get_registered_model(name).aliases.get("champion")
     champion_auc = None
     if current is not None:
         champion_auc = float(client.get_model_version(name, current).tags.get("cv_auc_mean", "nan"))
-    moved = takes_champion(new_auc, champion_auc, champion_margin)
-    if moved:
+    verdict = decide(
+        evidence,
+        None if current is None else version_evidence(client, name, current),
+        new_auc=new_auc,
+        champion=None if current is None else str(current),
+        gate=champion_gate or ChampionGateConfig(),
+        margin=champion_margin,
+    )
+    for key, value in verdict.tags().items():
+        client.set_model_version_tag(name, version, key, value)
+    tags.update(verdict.tags())
+    client.update_model_version(name, version, description=model_card(name, doc, tags))
+    client.set_registered_model_alias(name, "challenger", version)
+    if verdict.moved:
         client.set_registered_model_alias(name, "champion", version)
     if not client.get_registered_model(name).description:
         client.update_registered_model(
@@ -306,10 +369,22 @@ def register(
         "run_id": run.info.run_id,
         "cv_auc_mean": new_auc,
         "champion": {
-            "moved": moved,
+            "moved": verdict.moved,
             "previous": current,
             "previous_cv_auc_mean": champion_auc,
             "margin": champion_margin,
+            **gate_record(verdict),
         },
         "aliases": dict(client.get_registered_model(name).aliases),
+    }
+
+
+def gate_record(verdict: Verdict) -> dict:
+    """The verdict for the register record: decision, reason, rule and the comparison."""
+    c = verdict.comparison
+    return {
+        "decision": verdict.decision,
+        "reason": verdict.reason,
+        "rule": verdict.rule,
+        "comparison": None if c is None else dataclasses.asdict(c),
     }
