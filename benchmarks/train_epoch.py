@@ -7,6 +7,7 @@ RTX 3060. No timing asserts: this only measures.
 
     python benchmarks/train_epoch.py                 # all three, CPU (+ CUDA when present)
     python benchmarks/train_epoch.py --slides 100    # a shorter epoch, scaled up to 546
+    python benchmarks/train_epoch.py --deterministic both   # the cost of train.deterministic
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.models import MODELS, build_model
+from wsimil.seeding import use_deterministic_algorithms
 from wsimil.train import SlideBag, batches, clip_groups, to_model_input, train_step
 
 PAPER_SLIDES, TILES, DIM = 546, 200, 2048
@@ -67,19 +69,28 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=PAPER_SLIDES, help="slides timed")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--models", nargs="+", default=["abmil", "dtfd", "dmsmil"])
+    parser.add_argument(
+        "--deterministic", choices=["off", "on", "both"], default="off",
+        help="train.deterministic (torch's deterministic kernels); both: time each",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.deterministic]
     rows = []
     for device in devices:
         for family in args.models:
             bags = make_bags(args.slides, MODELS[family].n_scales)
-            rows.append((family, str(device), epoch_seconds(family, bags, device)))
+            for mode in modes:
+                use_deterministic_algorithms(mode)
+                rows.append((family, str(device), mode, epoch_seconds(family, bags, device)))
+    use_deterministic_algorithms(False)
     print(f"\nseconds per epoch, {PAPER_SLIDES} slides x {TILES} tiles/scale x {DIM}-D")
     print(f"(timed on {args.slides} slides, scaled; CPU threads {args.threads})")
-    print(f"{'model':8s} {'device':6s} {'s/epoch':>9s}  vs paper (DMSMIL, RTX 3060 4.05 s)")
-    for family, device, secs in rows:
-        print(f"{family:8s} {device:6s} {secs:9.2f}  x{secs / PAPER_SECONDS:.1f}")
+    print(f"{'model':8s} {'device':6s} {'determ.':7s} {'s/epoch':>9s}  vs paper (DMSMIL, 4.05 s)")
+    for family, device, mode, secs in rows:
+        det = "on" if mode else "off"
+        print(f"{family:8s} {device:6s} {det:7s} {secs:9.2f}  x{secs / PAPER_SECONDS:.1f}")
 
 
 if __name__ == "__main__":

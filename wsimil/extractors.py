@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wsimil.seeding import use_deterministic_algorithms
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -415,6 +417,7 @@ def shared_extractor(cfg, tile_px: int) -> Extractor:
     kept, so a long-lived worker that switches extractors frees the previous one. A weights
     or TorchScript file that changed on disk gives a new key, so it is rebuilt.
     """
+    use_deterministic_algorithms(cfg.deterministic)  # features.deterministic (GPU kernels)
     key = _shared_key(cfg, tile_px)
     with _shared_lock:  # concurrent first calls build once; the others wait for it
         if key not in _shared:
