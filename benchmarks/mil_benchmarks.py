@@ -30,7 +30,7 @@ neighbourhood is the file's instance order, so DAMIL is measured as a pooling mo
 not as a spatial one.
 
 All 50 (repetition, fold) runs of one dataset train together as one vmapped ensemble
-(:mod:`wsimil.ensemble`), which equals 50 sequential fits. Jobs (dataset x model) run in
+(:mod:`wsimil.milbench.stacked`), which equals 50 sequential fits. Jobs (dataset x model) run in
 ``--workers`` processes with one thread each.
 """
 
@@ -79,8 +79,8 @@ def run_job(dataset: str, model: str, epochs: int | None, seed: int) -> dict:
     """All 50 runs of one model on one dataset; returns accuracies per repetition."""
     import torch
 
-    from wsimil.ensemble import Ensemble, PaddedBags
-    from wsimil.milbench import load_jld
+    from wsimil.milbench.datasets import load_jld
+    from wsimil.milbench.stacked import Ensemble, PaddedBags
     from wsimil.models import build_model
 
     torch.set_num_threads(1)

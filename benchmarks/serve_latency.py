@@ -36,9 +36,9 @@ import requests
 import torch
 
 from wsimil.config import ModelConfig
-from wsimil.crossval import CVResult, FoldResult, save_fold_models
-from wsimil.fold_ensemble import FoldEnsemble
+from wsimil.experiment.crossval import CVResult, FoldResult, save_fold_models
 from wsimil.models import MODELS, build_model
+from wsimil.serve.fold_ensemble import FoldEnsemble
 
 
 def random_bag(n: int, dim: int, n_scales: int, seed: int = 0):
@@ -85,7 +85,7 @@ def make_model(family: str, folds: int, dim: int, out: Path) -> tuple[Path, tupl
 def register_random(family: str, folds: int, dim: int, tmp: Path) -> str:
     import mlflow
 
-    from wsimil.registry import register
+    from wsimil.serve.registry import register
 
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri

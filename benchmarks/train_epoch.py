@@ -21,7 +21,7 @@ import torch
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import use_deterministic_algorithms
-from wsimil.train import SlideBag, batches, clip_groups, to_model_input, train_step
+from wsimil.train.fit import SlideBag, batches, clip_groups, to_model_input, train_step
 
 PAPER_SLIDES, TILES, DIM = 546, 200, 2048
 PAPER_SECONDS = 4.05  # DMSMIL paper, RTX 3060

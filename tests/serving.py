@@ -20,11 +20,11 @@ from projects import mlflow_store
 from test_train import SMALL, make_bags
 
 from wsimil.config import ModelConfig, TrainConfig
-from wsimil.crossval import CVResult, run_fold, save_fold_models
-from wsimil.metrics import summarize
+from wsimil.experiment.crossval import CVResult, run_fold, save_fold_models
 from wsimil.models import MODELS, build_model
-from wsimil.splits import make_splits
-from wsimil.train import SlideBag, predict
+from wsimil.train.fit import SlideBag, predict
+from wsimil.train.metrics import summarize
+from wsimil.train.splits import make_splits
 
 SCALES = {1: ("20x",), 2: ("10x", "20x")}
 

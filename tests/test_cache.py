@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from wsimil import cache
-from wsimil.cache import (
+from wsimil.extract import cache
+from wsimil.extract.cache import (
     BagError,
     bag_path,
     extractor_tag,
@@ -133,6 +133,6 @@ def test_feature_folders_are_named_after_the_extractor(tmp_path):
 
 
 def test_source_version_follows_the_code():
-    v = cache.source_version("wsimil.tiles")
+    v = cache.source_version("wsimil.extract.tiles")
     assert v.startswith("0.") and "+" in v
-    assert v != cache.source_version("wsimil.tiles", "wsimil.slide")
+    assert v != cache.source_version("wsimil.extract.tiles", "wsimil.extract.slide")

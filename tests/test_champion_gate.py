@@ -8,8 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsimil.champion_gate import Evidence, EvidenceError, decide, paired_bootstrap, paired_folds
 from wsimil.config import ChampionGateConfig
+from wsimil.serve.champion_gate import (
+    Evidence,
+    EvidenceError,
+    decide,
+    paired_bootstrap,
+    paired_folds,
+)
 
 CLASSES = ["normal", "tumour"]
 

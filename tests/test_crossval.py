@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from test_train import SMALL, make_bags
 
 from wsimil.config import TrainConfig
-from wsimil.crossval import run_crossval
-from wsimil.splits import make_splits
+from wsimil.experiment.crossval import run_crossval
+from wsimil.train.splits import make_splits
 
 
 @pytest.fixture

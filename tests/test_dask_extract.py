@@ -14,7 +14,7 @@ import pytest
 import yaml
 from projects import REPO, clean_env, free_port
 
-from wsimil.cache import read_h5
+from wsimil.extract.cache import read_h5
 
 PARAMS = {
     "tiles": {"slides_csv": "slides.csv", "tile_px": 64, "top_k": 8},
@@ -89,7 +89,7 @@ def assert_reports_bad_slide(done: subprocess.CompletedProcess, report: Path, go
 
 def test_dask_values_parse_or_say_what_to_give(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
-    from flows.runners import DaskSpecError, parse_dask
+    from wsimil.extract.runners import DaskSpecError, parse_dask
 
     assert parse_dask(None) is None and parse_dask("") is None
     assert parse_dask("local:3") == 3
@@ -108,12 +108,12 @@ def test_task_code_reaches_workers_that_lack_this_checkout(tmp_path, monkeypatch
     import cloudpickle
 
     monkeypatch.syspath_prepend(str(REPO))
-    from flows.extract import features_task, tiles_task
-    from flows.runners import task_runner
     from wsimil.config import FeaturesConfig, TilesConfig
-    from wsimil.report import SlideOutcome
+    from wsimil.extract.flows import features_task, tiles_task
+    from wsimil.extract.report import SlideOutcome
+    from wsimil.extract.runners import task_runner
 
-    task_runner(2, threads=1)  # a Dask runner: task code now pickles by value
+    task_runner(2, threads=1)  # a Dask runner: the tasks pickle by reference to wsimil
     payload = tmp_path / "payload.pkl"
     payload.write_bytes(
         cloudpickle.dumps(
@@ -147,7 +147,7 @@ def test_extractor_is_built_once_per_process_and_shared_by_its_threads():
     from concurrent.futures import ThreadPoolExecutor
 
     from wsimil.config import FeaturesConfig
-    from wsimil.extractors import shared_extractor
+    from wsimil.extract.extractors import shared_extractor
 
     cfg = FeaturesConfig(extractor="test_resnet", weights="random", device="cpu")
     with ThreadPoolExecutor(4) as pool:
@@ -220,7 +220,7 @@ def test_features_on_a_dask_cluster_equal_the_thread_runner(tmp_path, slides, th
 
 def _cached_networks() -> list[str]:
     """On a worker: the networks its process built (run there by ``client.run``)."""
-    from wsimil.extractors import _shared
+    from wsimil.extract.extractors import _shared
 
     return [e.name for e in _shared.values()]
 

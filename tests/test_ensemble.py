@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from wsimil.config import ABMILConfig, DMSMILConfig, DTFDConfig, ModelConfig
-from wsimil.ensemble import Ensemble, PaddedBags
+from wsimil.milbench.stacked import Ensemble, PaddedBags
 from wsimil.models import Bags, build_model
 
 CFG = ModelConfig(

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from wsimil.cache import read_pair
+from wsimil.extract.cache import read_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_flows_take_typed_parameters_that_the_prefect_ui_renders_as_a_form(monke
     from prefect.utilities.callables import parameter_schema
 
     monkeypatch.syspath_prepend(str(REPO))
-    from flows.extract import extract_features, select_tiles
+    from wsimil.extract.flows import extract_features, select_tiles
 
     schema = parameter_schema(extract_features).model_dump_for_openapi()
     assert list(schema["properties"]) == ["tiles", "features"]
@@ -46,8 +46,8 @@ def test_only_transient_io_errors_are_retried(monkeypatch):
     from prefect.states import Failed
 
     monkeypatch.syspath_prepend(str(REPO))
-    from flows.extract import _transient_io_error
-    from wsimil.slide import SlideError
+    from wsimil.extract.flows import _transient_io_error
+    from wsimil.extract.slide import SlideError
 
     def retried(exc: Exception) -> bool:
         return _transient_io_error(None, None, Failed(data=exc))

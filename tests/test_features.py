@@ -10,13 +10,13 @@ import timm
 import torch
 from torch import nn
 
-from wsimil import extractors
-from wsimil.cache import read_bag, read_pair
 from wsimil.config import FeaturesConfig, TilesConfig
-from wsimil.extractors import EXTRACTORS, ExtractorError, build_extractor
-from wsimil.features import TileDataset, embed, features_for_slide
-from wsimil.slide import SlideRef, open_slide
-from wsimil.tiles import tiles_for_slide
+from wsimil.extract import extractors
+from wsimil.extract.cache import read_bag, read_pair
+from wsimil.extract.extractors import EXTRACTORS, ExtractorError, build_extractor
+from wsimil.extract.features import TileDataset, embed, features_for_slide
+from wsimil.extract.slide import SlideRef, open_slide
+from wsimil.extract.tiles import tiles_for_slide
 
 REQUIRED_ATTRS = {
     "slide_id", "slide_path", "scale", "mpp", "tile_px", "top_k", "density_threshold",
@@ -172,7 +172,7 @@ def test_the_dataloader_pipeline_equals_the_model_on_each_tile(tiny_cohort):
 def test_reader_processes_serve_slide_after_slide_and_are_replaced_after_a_failure(
     tiny_cohort, tmp_path
 ):
-    from wsimil import features
+    from wsimil.extract import features
 
     out, table = tiny_cohort
     ex = build_extractor(fcfg(), tile_px=64)

@@ -10,7 +10,7 @@ import torch
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds, use_deterministic_algorithms
-from wsimil.train import SlideBag, fit
+from wsimil.train.fit import SlideBag, fit
 
 
 @pytest.fixture

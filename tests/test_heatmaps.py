@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from wsimil.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
+from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
 
 
 def test_tile_share_from_mask():

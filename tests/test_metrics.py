@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from wsimil.metrics import choose_threshold, slide_metrics, summarize
+from wsimil.train.metrics import choose_threshold, slide_metrics, summarize
 
 
 def test_threshold_separates_validation_data():

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsimil.milbench import DATASETS, load_jld
+from wsimil.milbench.datasets import DATASETS, load_jld
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/mil-benchmarks-midatasets-jl"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")

@@ -1,6 +1,6 @@
 """A real Prefect server on loopback: serve the deployments, trigger a run, find its MLflow run.
 
-This is what a user does from the Prefect UI: `prefect server start`, `python flows/serve.py`,
+This is what a user does from the Prefect UI: `prefect server start`, `python flows/deploy.py`,
 then Run on a deployment with a changed parameter. The Run button and `prefect deployment
 run` call the same API, so the test presses it with the CLI.
 """
@@ -39,14 +39,14 @@ def prefect_api(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(prefect_api, tiny_project):
-    """`python flows/serve.py --params <tiny project>` against the server; stopped first."""
+    """`python flows/deploy.py --params <tiny project>` against the server; stopped first."""
     api, home = prefect_api
     # the extraction deployments fan out over a local 2-worker Dask cluster per run
     env = clean_env(
         tiny_project, PREFECT_API_URL=api, PREFECT_HOME=str(home), WSIMIL_DASK_ADDRESS="local:2"
     )
     params = str(tiny_project / "params.yaml")
-    cmd = [sys.executable, str(REPO / "flows" / "serve.py"), "--params", params]
+    cmd = [sys.executable, str(REPO / "flows" / "deploy.py"), "--params", params]
     serving = Server(cmd, env, home / "serve.log", cwd=REPO)
 
     def deployed() -> bool:
@@ -54,7 +54,7 @@ def served(prefect_api, tiny_project):
         return len(names) == 6
 
     try:
-        serving.wait_until(deployed, 180, "python flows/serve.py")
+        serving.wait_until(deployed, 180, "python flows/deploy.py")
         yield api, env
     finally:
         serving.stop()  # before the server (the prefect_api fixture stops after this)

@@ -17,7 +17,7 @@ from serving import fit_ensemble, isolated_store
 from sklearn.metrics import roc_auc_score
 
 from wsimil.config import ChampionGateConfig
-from wsimil.registry import (
+from wsimil.serve.registry import (
     SERVING_PACKAGES,
     RegistryError,
     canonical_name,
@@ -194,7 +194,7 @@ def _imports(path) -> set[str]:
 
 def test_requirements_cover_every_import_of_the_served_code(repo_root):
     """Follow wsimil imports from the entry file; every third-party one must be pinned."""
-    todo, seen, third_party = ["wsimil.serve_entry"], set(), set()
+    todo, seen, third_party = ["wsimil.serve.entry"], set(), set()
     while todo:
         module = todo.pop()
         if module in seen:
@@ -209,7 +209,9 @@ def test_requirements_cover_every_import_of_the_served_code(repo_root):
                 todo.append(name)
             elif top not in sys.stdlib_module_names and top != "__future__":
                 third_party.add(top)
-    assert "wsimil.slide_bag" in seen and "wsimil.extractors" in seen  # slide input is covered
+    assert (
+        "wsimil.extract.replay" in seen and "wsimil.extract.extractors" in seen
+    )  # slide input is covered
     dists = importlib.metadata.packages_distributions()
     needed = {canonical_name(d) for top in third_party for d in dists[top]}
     pinned = {canonical_name(p) for p in SERVING_PACKAGES}
@@ -222,9 +224,9 @@ def test_carried_state_dict_weights_become_safetensors_and_embed_the_same(tmp_pa
     import torch
 
     from wsimil.config import FeaturesConfig
-    from wsimil.extractors import build_extractor
-    from wsimil.registry import make_bundle
-    from wsimil.slide_bag import ExtractionError, build_recorded_extractor
+    from wsimil.extract.extractors import build_extractor
+    from wsimil.extract.replay import ExtractionError, build_recorded_extractor
+    from wsimil.serve.registry import make_bundle
 
     fitted = fit_ensemble("abmil", tmp_path / "abmil", epochs=1)  # any models folder
     torch.manual_seed(3)
@@ -262,8 +264,8 @@ def test_carried_state_dict_weights_become_safetensors_and_embed_the_same(tmp_pa
 
 
 def test_recorded_extraction_needs_caches_that_agree(tmp_path):
-    from wsimil.cache import write_h5
-    from wsimil.slide_bag import ExtractionError, recorded_extraction
+    from wsimil.extract.cache import write_h5
+    from wsimil.extract.replay import ExtractionError, recorded_extraction
 
     attrs = {
         "extractor": "resnet18", "weights": "random", "weights_sha256": "", "weights_path": "",

@@ -8,7 +8,7 @@ import torch
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
-from wsimil.train import SlideBag, fit
+from wsimil.train.fit import SlideBag, fit
 
 
 def weights(model) -> dict[str, torch.Tensor]:

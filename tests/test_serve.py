@@ -20,9 +20,9 @@ from mlflow.exceptions import MlflowException
 from projects import BIN, Server, free_port
 from serving import SCALES, fit_ensemble, isolated_store, npy_b64, reference_answer, request_row
 
-from wsimil.fold_ensemble import PRIMARY_SCORE
-from wsimil.registry import register
-from wsimil.serve import SLIDE_ROOT_ENV
+from wsimil.serve.fold_ensemble import PRIMARY_SCORE
+from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
+from wsimil.serve.registry import register
 
 
 def publish(models_dir: Path, name: str, extraction=None) -> str:
@@ -297,13 +297,13 @@ def test_slide_path_replays_the_recorded_tiles_and_extractor(
     served, tiny_cohort, monkeypatch, tmp_path
 ):
     """A slide sent by path gets the answer its pipeline-made feature cache gets."""
-    from wsimil.cache import bag_path, read_bag
     from wsimil.config import FeaturesConfig, TilesConfig
-    from wsimil.extractors import build_extractor
-    from wsimil.features import features_for_slide
-    from wsimil.slide import SlideRef
-    from wsimil.slide_bag import recorded_extraction
-    from wsimil.tiles import tiles_for_slide
+    from wsimil.extract.cache import bag_path, read_bag
+    from wsimil.extract.extractors import build_extractor
+    from wsimil.extract.features import features_for_slide
+    from wsimil.extract.replay import recorded_extraction
+    from wsimil.extract.slide import SlideRef
+    from wsimil.extract.tiles import tiles_for_slide
 
     cohort_dir, table = tiny_cohort
     root = served["root"] / "pipeline"

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from projects import mlflow_store, wsimil
 
-from wsimil.cache import read_pair
-from wsimil.serve import SLIDE_ROOT_ENV
+from wsimil.extract.cache import read_pair
+from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
 
 pytestmark = pytest.mark.slow
 

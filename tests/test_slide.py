@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from wsimil.slide import (
+from wsimil.extract.slide import (
     Slide,
     SlideError,
     SlideRef,

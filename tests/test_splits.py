@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsimil.splits import SplitError, make_splits, read_splits, write_splits
+from wsimil.train.splits import SplitError, make_splits, read_splits, write_splits
 
 
 def cohort(n_patients: int = 30, seed: int = 0) -> pd.DataFrame:

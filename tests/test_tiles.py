@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsimil import tiles as tiles_mod
 from wsimil.config import TilesConfig
-from wsimil.slide import SlideError, SlideRef, open_slide
-from wsimil.tiles import (
+from wsimil.extract import tiles as tiles_mod
+from wsimil.extract.slide import SlideError, SlideRef, open_slide
+from wsimil.extract.tiles import (
     exhaustive_counts,
     read_selection,
     select_tiles,

@@ -13,9 +13,9 @@ from wsimil.config import (
     ModelConfig,
     TrainConfig,
 )
-from wsimil.metrics import slide_metrics
 from wsimil.models import MODELS, build_model
-from wsimil.train import SlideBag, feature_stats, fit, predict
+from wsimil.train.fit import SlideBag, feature_stats, fit, predict
+from wsimil.train.metrics import slide_metrics
 
 SMALL = ModelConfig(
     abmil=ABMILConfig(hidden_dims=(32,), attention_dim=16, dropout=0.0),
@@ -114,7 +114,7 @@ def test_step_schedule_and_early_stopping():
 
 
 def test_dtfd_clips_each_tier_separately():
-    from wsimil.train import clip_groups
+    from wsimil.train.fit import clip_groups
 
     model = build_model("dtfd", SMALL, [12], 2)
     groups = clip_groups(model)

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from wsimil.config import ConfigError, Params, with_overrides
-from wsimil.tune import check_space, init_study, make_storage
+from wsimil.experiment.tune import check_space, init_study, make_storage
 
 SPACE = {
     "dtfd": {
@@ -112,8 +112,8 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_train import SMALL, make_bags
     from wsimil.config import Params, with_overrides
-    from wsimil.crossval import run_crossval
-    from wsimil.tune import make_storage, run_study
+    from wsimil.experiment.crossval import run_crossval
+    from wsimil.experiment.tune import make_storage, run_study
     import pandas as pd
 
     out = Path({out!r})
@@ -142,7 +142,7 @@ def test_two_workers_share_one_journal_and_lose_no_trial(tmp_path, repo_root):
     import pandas as pd
     from test_train import make_bags
 
-    from wsimil.splits import make_splits
+    from wsimil.train.splits import make_splits
 
     bags = make_bags(16, 1, seed=5)
     table = pd.DataFrame(

@@ -139,12 +139,13 @@ def features(
 
 
 def _run_extraction(which: str, params: Params, root: Path, dask: str | None) -> None:
-    """Run a flow of flows/extract.py; print failures; exit 1 if any slide failed."""
+    """Run an extraction flow (wsimil.extract.flows); print failures; exit 1 if one failed."""
     import logging
     import os
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a local cluster's chatter
-    runners = _flows("runners")
+    from wsimil.extract import flows, runners
+
     try:
         cluster = runners.parse_dask(dask)
         if isinstance(cluster, str):
@@ -163,7 +164,7 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
     for key in ("extractor", "weights"):  # a relative file name: under the project root
         if (root / getattr(feats_cfg, key)).is_file():
             feats_cfg = feats_cfg.model_copy(update={key: str(root / getattr(feats_cfg, key))})
-    state = _flows("extract").run(which, tiles_cfg, feats_cfg, dask=cluster)
+    state = flows.run(which, tiles_cfg, feats_cfg, dask=cluster)
     if not state.is_completed():
         fail(state.message or f"the {which} flow did not complete")
     outcomes = state.result()
@@ -185,23 +186,13 @@ def _under_root(cfg, root: Path, *fields: str):
     return cfg.model_copy(update={f: root / getattr(cfg, f) for f in fields})
 
 
-def _flows(name: str):
-    """A module of the flows/ folder beside the package (Prefect flows are not installed)."""
-    import importlib
-
-    checkout = str(Path(__file__).resolve().parents[1])
-    if checkout not in sys.path:
-        sys.path.insert(0, checkout)
-    return importlib.import_module(f"flows.{name}")
-
-
 @app.command()
 def splits(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
     params, root = project(params_path, sets)
     import pandas as pd
 
-    from wsimil.splits import SplitError, make_splits, write_splits
+    from wsimil.train.splits import SplitError, make_splits, write_splits
 
     cfg = params.crossval
     csv = root / cfg.cohort_csv
@@ -233,11 +224,11 @@ def _family(params: Params, model: str | None) -> str:
 
 def _crossval_runner(params: Params, root: Path, family: str):
     """Load the cohort, splits and bags once; return ``run(params, **overrides)``."""
-    from wsimil.bags import CohortError, load_bags, read_cohort
-    from wsimil.cache import features_dir
-    from wsimil.crossval import model_scales, run_crossval
-    from wsimil.splits import SplitError, read_splits
-    from wsimil.tracking import dvc_out_hash
+    from wsimil.experiment.crossval import model_scales, run_crossval
+    from wsimil.experiment.tracking import dvc_out_hash
+    from wsimil.extract.cache import features_dir
+    from wsimil.train.bags import CohortError, load_bags, read_cohort
+    from wsimil.train.splits import SplitError, read_splits
 
     cfg = params.crossval
     try:
@@ -320,7 +311,7 @@ def tune(
 
     params, root = project(params_path, sets)
     family = _family(params, model)
-    from wsimil.tune import check_space, init_study, make_storage, run_study, shown_url
+    from wsimil.experiment.tune import check_space, init_study, make_storage, run_study, shown_url
 
     cfg = params.tune
     out_dir = root / cfg.out_dir / family
@@ -367,12 +358,12 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
 
     params, root = project(params_path)
     family = _family(params, model)
-    from wsimil.cache import features_dir
-    from wsimil.fold_ensemble import EnsembleError, read_manifest
-    from wsimil.registry import RegistryError
-    from wsimil.registry import register as publish
-    from wsimil.slide_bag import ExtractionError, recorded_extraction
-    from wsimil.tracking import dvc_out_hash, git_state
+    from wsimil.experiment.tracking import dvc_out_hash, git_state
+    from wsimil.extract.cache import features_dir
+    from wsimil.extract.replay import ExtractionError, recorded_extraction
+    from wsimil.serve.fold_ensemble import EnsembleError, read_manifest
+    from wsimil.serve.registry import RegistryError
+    from wsimil.serve.registry import register as publish
 
     cfg = params.registry
     source = root / cfg.source_dir / family

@@ -254,7 +254,7 @@ class TuneConfig(Section):
 
 
 class ChampionGateConfig(Section):
-    """How sure an AUC gain must be before ``champion`` moves (:mod:`wsimil.champion_gate`).
+    """How sure an AUC gain must be before ``champion`` moves (:mod:`wsimil.serve.champion_gate`).
 
     Challenger and champion are compared paired, on the test folds both were scored on.
     """

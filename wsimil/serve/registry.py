@@ -3,17 +3,17 @@
 ``wsimil register --model <family>`` takes ``results/tune/<family>/best/models`` (the fold
 models of the best Optuna trial) and
 
-1. assembles the bundle the served model reads (:mod:`wsimil.serve`): the fold state dicts
+1. assembles the bundle the served model reads (:mod:`wsimil.serve.pyfunc`): the fold state dicts
    (safetensors), ``ensemble.json``, the recorded extraction settings and, for slide-path
    input, the extractor's weights (converted to safetensors unless they are TorchScript);
-2. logs it as a pyfunc *model from code* (``wsimil/serve_entry.py``; MLflow 3's default
+2. logs it as a pyfunc *model from code* (``wsimil/serve/entry.py``; MLflow 3's default
    ``torch.export`` route fails on POT's data-dependent code, and nothing here is pickled)
    with the package as ``code_paths``, requirements pinned from ``requirements.lock``, a
    signature, an input example and the serve settings as model config; loads it back and
    checks that it answers its own input example before registering anything;
 3. registers it as ``<prefix><family>``: version tags (CV metrics, data version, git commit,
    extractor), a model card as the description, alias ``challenger`` on every new version
-   and alias ``champion`` only when the champion gate (:mod:`wsimil.champion_gate`) finds it
+   and alias ``champion`` only when the champion gate (:mod:`wsimil.serve.champion_gate`) finds it
    better, paired on the same test folds, at the stated confidence. The evidence travels
    with each version: its cross-validation's pooled test predictions
    (``report/predictions.csv`` beside ``models/``) are logged on the register run under
@@ -38,15 +38,15 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-from wsimil.champion_gate import Evidence, EvidenceError, Verdict, decide
 from wsimil.config import ChampionGateConfig, ServeConfig
-from wsimil.fold_ensemble import read_manifest
-from wsimil.model_card import model_card
-from wsimil.serve import BUNDLE, example_request, request_signature
-from wsimil.tracking import start_top_run
+from wsimil.experiment.tracking import start_top_run
+from wsimil.serve.champion_gate import Evidence, EvidenceError, Verdict, decide
+from wsimil.serve.fold_ensemble import read_manifest
+from wsimil.serve.model_card import model_card
+from wsimil.serve.pyfunc import BUNDLE, example_request, request_signature
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-ENTRY = PACKAGE_DIR / "serve_entry.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # wsimil/
+ENTRY = PACKAGE_DIR / "serve" / "entry.py"
 LOCK = PACKAGE_DIR.parent / "requirements.lock"  # the checkout's, beside the package
 # Every third-party distribution the served code imports (tests/test_registry.py checks the
 # list against the imports), pinned from requirements.lock at registration.
@@ -94,7 +94,7 @@ def canonical_name(name: str) -> str:
 
 
 def make_bundle(models_dir: Path, extraction: dict | None, dest: Path, *, carry: bool) -> Path:
-    """Write the served model's files to ``dest`` (layout in :mod:`wsimil.serve`).
+    """Write the served model's files to ``dest`` (layout in :mod:`wsimil.serve.pyfunc`).
 
     Args:
         models_dir: a cross-validation ``models/`` folder.
@@ -127,7 +127,7 @@ def carry_weights(src: Path, sha256: str, dest: Path) -> dict:
     Returns:
         ``weights_file`` (relative to ``dest``) and ``weights_file_sha256``.
     """
-    from wsimil.extractors import _is_torchscript, load_state_dict, sha256_file
+    from wsimil.extract.extractors import _is_torchscript, load_state_dict, sha256_file
 
     if not src.is_file():
         raise RegistryError(

@@ -54,7 +54,7 @@ class BagResult:
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when present, else CPU.
 
-    Deliberately not ``wsimil.train.resolve_device``: importing train pulls scikit-learn
+    Deliberately not ``wsimil.train.fit.resolve_device``: importing train pulls scikit-learn
     (metrics) into the served model, whose pinned requirements leave it out.
     """
     if name == "auto":

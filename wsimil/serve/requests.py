@@ -87,7 +87,7 @@ def parse_bags(
     for i, (_, row) in enumerate(table.iterrows()):
         bag_id = _cell(row, "bag_id")
         slide = _cell(row, "slide_path")
-        if bag_id is None:  # a slide's id seeds its 20x child draw (wsimil.tiles)
+        if bag_id is None:  # a slide's id seeds its 20x child draw (wsimil.extract.tiles)
             bag_id = Path(str(slide)).stem if slide is not None else f"bag{i}"
         bags.append(_parse_row(row, str(bag_id), scales, in_dims, limits, needs_grid, slide_root))
     return bags

@@ -4,7 +4,7 @@ Tiles are read by DataLoader worker processes that serve one slide after another
 keeps its own OpenSlide handles), the network runs in the calling thread under
 ``torch.inference_mode`` (CUDA autocast on a GPU), and both scales of a slide go through
 the network in the same batches. The result is
-written as one HDF5 file per scale (contract in :mod:`wsimil.cache`).
+written as one HDF5 file per scale (contract in :mod:`wsimil.extract.cache`).
 
 Workers start from a forkserver, not by forking the caller: the caller runs several
 threads (Prefect tasks, OpenMP, CUDA), and a fork taken while another thread holds a lock
@@ -26,14 +26,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsimil.cache import bag_path, matches, source_version, write_h5
-from wsimil.extractors import Extractor
-from wsimil.slide import Scale, Slide, SlideRef, open_slide, rgba_to_rgb
-from wsimil.tiles import Selection
+from wsimil.extract.cache import bag_path, matches, source_version, write_h5
+from wsimil.extract.extractors import Extractor
+from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide, rgba_to_rgb
+from wsimil.extract.tiles import Selection
 
 log = logging.getLogger(__name__)
 
-CODE_MODULES = ("wsimil.slide", "wsimil.tiles", "wsimil.extractors", "wsimil.features")
+CODE_MODULES = (
+    "wsimil.extract.slide",
+    "wsimil.extract.tiles",
+    "wsimil.extract.extractors",
+    "wsimil.extract.features",
+)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ def model_card(name: str, doc: dict, tags: dict[str, str]) -> str:
 
     Args:
         doc: the ensemble manifest (``ensemble.json``).
-        tags: the version's tags (:func:`wsimil.registry.version_tags`).
+        tags: the version's tags (:func:`wsimil.serve.registry.version_tags`).
     """
     family, classes = doc["family"], doc["classes"]
     thresholds = [t for t in doc.get("thresholds") or [] if t is not None]
@@ -88,5 +88,5 @@ diagnosis or any decision about a patient.
 
 ## Serving
 `mlflow models serve -m models:/{name}@champion --env-manager local -p 5001`
-(request and answer formats: `wsimil/serve.py`, README "Registry and serving").
+(request and answer formats: `wsimil/serve/pyfunc.py`, README "Registry and serving").
 """

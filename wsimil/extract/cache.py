@@ -10,7 +10,7 @@ Layout, compatible with CLAM and TRIDENT readers::
       parent_index  (N,)   int64     20× only: row of the 10× parent tile
       density       (N,)   float32   10× only: share of non-white pixels
       attrs: slide_id, slide_path, scale, mpp, tile_px, top_k, density_threshold, seed,
-             extractor, weights, weights_sha256, code_version, ... (see wsimil.features)
+             extractor, weights, weights_sha256, code_version, ... (see wsimil.extract.features)
 
 Files are written under a temporary name and renamed, so an interrupted run leaves either
 the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TRIDENT

@@ -1,6 +1,6 @@
 """The pyfunc model that ``mlflow models serve`` runs: a fold ensemble behind checked requests.
 
-Logged as a *model from code* (``wsimil/serve_entry.py`` names this class), so nothing is
+Logged as a *model from code* (``wsimil/serve/entry.py`` names this class), so nothing is
 pickled: at load it reads the bundle that ``register`` shipped as the ``bundle`` artifact,
 
     bundle/models/ensemble.json           family, model config, scales, classes, thresholds
@@ -11,7 +11,7 @@ pickled: at load it reads the bundle that ``register`` shipped as the ``bundle``
 and the serve settings (:class:`wsimil.config.ServeConfig`) from the model config, which
 the ``SERVING_MODEL_CONFIG`` environment variable (JSON) can override when serving.
 
-Request: one row per bag (``dataframe_records``), columns in :mod:`wsimil.serve_inputs`;
+Request: one row per bag (``dataframe_records``), columns in :mod:`wsimil.serve.requests`;
 the request parameter ``top_k`` sets how many top instances come back per scale.
 Answer, one object per bag::
 
@@ -45,8 +45,8 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from wsimil.config import ServeConfig
-from wsimil.fold_ensemble import FoldEnsemble
-from wsimil.serve_inputs import BagRequest, Limits, RequestError, parse_bags
+from wsimil.serve.fold_ensemble import FoldEnsemble
+from wsimil.serve.requests import BagRequest, Limits, RequestError, parse_bags
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         self.extraction = json.loads(manifest.read_text()) if manifest.is_file() else None
         self.extractor, self.no_slides = None, "it was registered without extraction settings"
         if self.slide_root is not None and self.extraction is not None:
-            from wsimil.slide_bag import ExtractionError, build_recorded_extractor
+            from wsimil.extract.replay import ExtractionError, build_recorded_extractor
 
             carried = self.extraction.get("weights_file")
             try:
@@ -125,8 +125,8 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         }
 
     def _embed(self, bag: BagRequest):
-        from wsimil.slide import SlideError
-        from wsimil.slide_bag import slide_bag
+        from wsimil.extract.replay import slide_bag
+        from wsimil.extract.slide import SlideError
 
         if self.extractor is None:
             raise RequestError(
@@ -193,7 +193,7 @@ def request_signature(scales: tuple[str, ...], top_k: int):
 
     The array columns are ``Any``: MLflow's ``Array(Array(double))`` refuses a row of JSON
     integers ("cannot safely convert int64 to float64") and checks every number in Python
-    twice per request; :mod:`wsimil.serve_inputs` checks shapes and values itself, once,
+    twice per request; :mod:`wsimil.serve.requests` checks shapes and values itself, once,
     with messages that name the bag.
     """
     from mlflow.models import ModelSignature

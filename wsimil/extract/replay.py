@@ -2,11 +2,11 @@
 
 A served model that accepts slide paths must select tiles and embed them exactly as the
 feature caches it was trained on were made. Those caches record everything needed in their
-HDF5 attributes (:mod:`wsimil.cache`): the tile rule (``tile_px``, ``top_k``,
+HDF5 attributes (:mod:`wsimil.extract.cache`): the tile rule (``tile_px``, ``top_k``,
 ``density_threshold``, ``min_density``, ``seed``) and the extractor (name, weights, their
 SHA-256, ``init_seed``, ``input_px``). :func:`recorded_extraction` reads them at
-registration; :func:`slide_bag` replays them with :func:`wsimil.tiles.select_tiles` and
-:func:`wsimil.features.embed`, the same functions the ``tiles`` and ``features`` stages run.
+registration; :func:`slide_bag` replays them with :func:`wsimil.extract.tiles.select_tiles` and
+:func:`wsimil.extract.features.embed`, the same functions the ``tiles`` and ``features`` stages run.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil.cache import read_attrs
 from wsimil.config import FeaturesConfig, TilesConfig
+from wsimil.extract.cache import read_attrs
 
 TILE_KEYS = ("tile_px", "top_k", "density_threshold", "min_density", "seed")
 EXTRACTOR_KEYS = ("extractor", "weights", "weights_sha256", "weights_path", "input_px")
@@ -85,7 +85,7 @@ def build_recorded_extractor(extraction: dict, weights_file: Path | None, device
     Raises:
         ExtractionError: the weights are needed but absent, or they hash differently.
     """
-    from wsimil.extractors import build_extractor
+    from wsimil.extract.extractors import build_extractor
 
     name, weights = str(extraction["extractor"]), str(extraction["weights"])
     if weights != "random" and weights_file is None:
@@ -137,12 +137,12 @@ def slide_bag(
     slides.csv did when the caches were made: the same id gives the same bag.
 
     Raises:
-        wsimil.slide.SlideError: the slide cannot be opened, has no magnification, or has
+        wsimil.extract.slide.SlideError: the slide cannot be opened, has no magnification, or has
             no tissue.
     """
-    from wsimil.features import TileDataset, embed
-    from wsimil.slide import SlideRef, open_slide
-    from wsimil.tiles import select_tiles
+    from wsimil.extract.features import TileDataset, embed
+    from wsimil.extract.slide import SlideRef, open_slide
+    from wsimil.extract.tiles import select_tiles
 
     ref = SlideRef(slide_id, Path(path))
     cfg = tiles_config(extraction)

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsimil.cache import SCALE_NAMES, BagError, bag_path, read_bag, read_pair
-from wsimil.train import SlideBag
+from wsimil.extract.cache import SCALE_NAMES, BagError, bag_path, read_bag, read_pair
+from wsimil.train.fit import SlideBag
 
 
 class CohortError(Exception):

@@ -29,8 +29,8 @@ import mlflow
 import optuna
 
 from wsimil.config import ConfigError, Params, SearchParam, with_overrides
-from wsimil.crossval import CVResult, FoldResult
-from wsimil.tracking import start_top_run
+from wsimil.experiment.crossval import CVResult, FoldResult
+from wsimil.experiment.tracking import start_top_run
 
 CONFIG_PREFIX = {"abmil": "abmil", "dtfd": "dtfd", "dmsmil": "dmsmil", "damil": "dmsmil"}
 

@@ -5,6 +5,6 @@
 
 from mlflow.models import set_model
 
-from wsimil.serve import FoldEnsembleModel
+from wsimil.serve.pyfunc import FoldEnsembleModel
 
 set_model(FoldEnsembleModel())

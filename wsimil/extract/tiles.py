@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil.cache import matches, read_h5, source_version, write_h5
-from wsimil.slide import Scale, Slide, SlideRef, open_slide
+from wsimil.extract.cache import matches, read_h5, source_version, write_h5
+from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide
 
 log = logging.getLogger(__name__)
 
 STRIP_PX = 4096  # widest region read in one call (pixels at the read level)
-CODE_MODULES = ("wsimil.slide", "wsimil.tiles")
+CODE_MODULES = ("wsimil.extract.slide", "wsimil.extract.tiles")
 PROVENANCE_KEYS = (  # what the selected set depends on; a cache with other values is stale
     "slide_id", "slide_quickhash", "mpp", "mpp_source", "tile_px", "top_k",
     "density_threshold", "min_density", "seed", "tiles_code_version",

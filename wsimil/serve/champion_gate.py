@@ -3,7 +3,7 @@
 Both fold ensembles were scored on the same test folds (``splits.json``), each test slide
 once, so they are compared *paired*, on their pooled test predictions
 (``report/predictions.csv`` of their cross-validation). The difference is always
-challenger − champion, in the AUC of :func:`wsimil.metrics.auc` (binary; one-vs-rest macro
+challenger − champion, in the AUC of :func:`wsimil.train.metrics.auc` (binary; one-vs-rest macro
 for more classes), and ``c`` is ``registry.champion_gate.confidence``:
 
 - ``bootstrap`` (default): Δ is the difference in pooled test AUC. The slides are resampled
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil.config import ChampionGateConfig
-from wsimil.metrics import auc
+from wsimil.train.metrics import auc
 
 SEED = 0  # fixed, so the same two models always get the same verdict (and it cannot be re-rolled)
 

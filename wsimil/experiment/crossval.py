@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 
 from wsimil.config import ModelConfig, TrainConfig
-from wsimil.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
-from wsimil.metrics import choose_threshold, predict_labels, slide_metrics, summarize
+from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
+from wsimil.experiment.tracking import flatten, git_state, start_top_run
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
-from wsimil.tracking import flatten, git_state, start_top_run
-from wsimil.train import SlideBag, fit, predict, resolve_device
+from wsimil.train.fit import SlideBag, fit, predict, resolve_device
+from wsimil.train.metrics import choose_threshold, predict_labels, slide_metrics, summarize
 
 
 @dataclass

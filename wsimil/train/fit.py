@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from wsimil.config import TrainConfig
-from wsimil.metrics import slide_metrics
 from wsimil.models import Bags, MILModel, collate
 from wsimil.seeding import FitSeeds, torch_rng, use_deterministic_algorithms
+from wsimil.train.metrics import slide_metrics
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
     prefect server start --host 127.0.0.1          # in one shell (UI: http://127.0.0.1:4200)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python flows/serve.py                          # in another, from the project folder
-    python flows/serve.py --params /data/study/params.yaml   # or for another project
+    python flows/deploy.py                          # in another, from the project folder
+    python flows/deploy.py --params /data/study/params.yaml   # or for another project
 
 The extraction deployments default to the tiles/features sections of params.yaml (read
 through the CLI's loader, with paths made absolute), so pressing Run does what `dvc repro`
@@ -13,7 +13,6 @@ changed in the form.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def deployments(params_path: Path = ROOT / "params.yaml") -> list:
     """One deployment per flow, tagged ``wsimil``."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from flows.extract import extract_features, select_tiles
-    from flows.train import crossval_flow, pipeline_flow, register_flow, tune_flow
+    from train import crossval_flow, pipeline_flow, register_flow, tune_flow
+
     from wsimil.cli import project
+    from wsimil.extract.flows import extract_features, select_tiles
 
     params, root = project(params_path)
     tiles = params.tiles.model_copy(

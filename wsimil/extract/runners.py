@@ -10,7 +10,7 @@ so it stays out of params.yaml and DVC does not rerun a stage for it):
   run the same locked environment and see the slides and output folders at the same paths.
 
 Both Dask forms use prefect-dask's ``DaskTaskRunner``. The CLI takes the choice from
-``--dask`` or ``WSIMIL_DASK_ADDRESS``. Deployments (``flows/serve.py``, work pools) load
+``--dask`` or ``WSIMIL_DASK_ADDRESS``. Deployments (``flows/deploy.py``, work pools) load
 the flows from their entrypoint in a new process; there the flows' default runner comes
 from ``WSIMIL_DASK_ADDRESS`` in that process's environment (:func:`deployment_runner`).
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -56,7 +55,6 @@ def task_runner(dask: str | int | None, threads: int) -> TaskRunner:
     """The runner for a parsed ``--dask`` value; ``threads`` task threads without one."""
     if dask is None:
         return ThreadPoolTaskRunner(max_workers=threads)
-    _pickle_flows_by_value()
     from prefect_dask import DaskTaskRunner
 
     if isinstance(dask, int):
@@ -157,32 +155,14 @@ def _workers_not_daemons() -> None:
     dask.config.set({"distributed.worker.daemon": False})
 
 
-def _pickle_flows_by_value(*modules: str) -> None:
-    """Ship the task code of flows/ to the workers by value.
-
-    The workers have wsimil installed but not this checkout's ``flows`` folder on their path;
-    by value, the retry condition and the task functions need nothing but wsimil there.
-    ``modules`` adds names the flows were loaded under (a deployment loads
-    ``flows/extract.py`` by path, as ``extract``).
-    """
-    import cloudpickle
-
-    for name in ("flows.extract", *modules):
-        if name in sys.modules:
-            cloudpickle.register_pickle_by_value(sys.modules[name])
-
-
-def deployment_runner(module: str, threads: int = 2) -> TaskRunner:
+def deployment_runner(threads: int = 2) -> TaskRunner:
     """The task runner of a flow as a deployment loads it: ``WSIMIL_DASK_ADDRESS`` or threads.
 
     A served or worker-run flow is imported afresh from its entrypoint in a new process, so
-    the choice is read from that process's environment (that of ``python flows/serve.py``
-    or of the Prefect worker). ``module`` is the name the flows' module was loaded under.
+    the choice is read from that process's environment (that of ``python flows/deploy.py``
+    or of the Prefect worker). The flows live in the installed package, so Dask workers
+    import the task code from there.
     """
     import os
 
-    dask = parse_dask(os.environ.get(ENV_VAR), source=ENV_VAR)
-    runner = task_runner(dask, threads)
-    if dask is not None:
-        _pickle_flows_by_value(module)
-    return runner
+    return task_runner(parse_dask(os.environ.get(ENV_VAR), source=ENV_VAR), threads)
