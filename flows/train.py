@@ -21,7 +21,9 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-Family = Literal["abmil", "dtfd", "damil", "dmsmil"]
+from wsimil.models import MODELS
+
+Family = Literal[tuple(MODELS)]  # the UI's choices, in MODELS order
 RUN_ID = re.compile(r"MLflow run ([0-9a-f]{32})")
 
 
@@ -75,7 +77,7 @@ def crossval_flow(
 
 @flow(name="wsimil-tune")
 def tune_flow(
-    model: Literal["dtfd", "dmsmil", "abmil", "damil"] = "dmsmil",
+    model: Family = "dmsmil",
     n_trials: int | None = None,
     overrides: dict[str, str] | None = None,
     project: str | None = None,
@@ -88,7 +90,7 @@ def tune_flow(
 
 
 @flow(name="wsimil-register")
-def register_flow(model: Literal["dtfd", "dmsmil"] = "dtfd", project: str | None = None) -> str:
+def register_flow(model: Family = "dtfd", project: str | None = None) -> str:
     """Register the tuned fold ensemble; the champion alias moves only on the gate's evidence."""
     return run_cli(["register", "--model", model], str(project_dir(project))).strip()
 

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from projects import BIN, Server, free_port
 from serving import SCALES, fit_ensemble, isolated_store, npy_b64, reference_answer, request_row
 
-from wsimil.serve.fold_ensemble import PRIMARY_SCORE
+from wsimil.models import MODELS
 from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
 from wsimil.serve.registry import register
 
@@ -68,7 +68,7 @@ def test_logged_model_answers_like_the_fold_models(served, family, encoding):
         assert answer["threshold"] == pytest.approx(np.mean(thresholds))
         positive = probs[1] >= np.mean(thresholds)
         assert answer["label"] == fitted.cv.classes[int(positive)]
-        name = PRIMARY_SCORE[family]
+        name = MODELS[family].primary_score
         assert answer["instance_score"] == name
         for k, scale in enumerate(scales):
             top = answer["top_instances"][scale]

@@ -56,11 +56,6 @@ class CVResult:
     stopped: bool = False
 
 
-def family_config(model_cfg: ModelConfig, family: str):
-    """The sub-section of ``model`` a family reads (DAMIL shares DMSMIL's)."""
-    return getattr(model_cfg, "dmsmil" if family == "damil" else family)
-
-
 def model_scales(family: str, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The cache scales a family reads: DMSMIL (10x, 20x); the others ``model.scale``."""
     return ("10x", "20x") if MODELS[family].n_scales == 2 else (model_cfg.scale,)
@@ -290,7 +285,7 @@ def run_crossval(
             "model": {
                 "name": family,
                 "scale": ",".join(scales),
-                **family_config(model_cfg, family).model_dump(),
+                **MODELS[family].section(model_cfg).model_dump(),
             },
             "train": train_cfg.model_dump(),
             "crossval": {"n_folds": splits["n_folds"], "seed": splits["seed"]},

@@ -32,8 +32,6 @@ from wsimil.config import ConfigError, Params, SearchParam, with_overrides
 from wsimil.experiment.crossval import CVResult, FoldResult
 from wsimil.experiment.tracking import start_top_run
 
-CONFIG_PREFIX = {"abmil": "abmil", "dtfd": "dtfd", "dmsmil": "dmsmil", "damil": "dmsmil"}
-
 
 def check_space(params: Params, family: str) -> dict[str, SearchParam]:
     """The family's search space, with every key and both ends of every range validated.

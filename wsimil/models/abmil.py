@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsimil.config import ABMILConfig, ModelConfig
+from wsimil.config import ABMILConfig
 from wsimil.models.attention import GatedAttention
 from wsimil.models.base import Bags, MILModel, MILOutput, glorot_init_, mlp
 
@@ -26,6 +26,9 @@ class ABMIL(MILModel):
     """Gated-attention MIL on one scale."""
 
     n_scales = 1
+    config_key = "abmil"
+    primary_score = "attention"
+    paper = "ABMIL (Ilse et al., ICML 2018)"
 
     def __init__(self, cfg: ABMILConfig, in_dims: Sequence[int], n_classes: int) -> None:
         super().__init__(in_dims, n_classes)
@@ -35,10 +38,6 @@ class ABMIL(MILModel):
         self.attention = GatedAttention(width, cfg.attention_dim, gated=cfg.gated)
         self.classifier = nn.Linear(width, n_classes)
         glorot_init_(self)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, in_dims: Sequence[int], n_classes: int) -> ABMIL:
-        return cls(cfg.abmil, in_dims, n_classes)
 
     def forward(self, bags: Bags) -> MILOutput:
         (x,), (mask,) = self.inputs(bags)

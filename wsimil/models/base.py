@@ -30,6 +30,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from wsimil.config import ModelConfig, Section
+
 
 @dataclass(frozen=True)
 class Bags:
@@ -133,9 +135,38 @@ def glorot_init_(module: nn.Module) -> None:
 
 
 class MILModel(nn.Module, ABC):
-    """Base of every model in :data:`wsimil.models.MODELS`."""
+    """Base of every model in :data:`wsimil.models.MODELS`.
+
+    A model class carries its own facts, and everything else (cross-validation, tuning, the
+    CLI's ``wsimil models``, flow parameter types, the model card, serving) reads them here:
+    ``n_scales``; ``config_key``, the section of :class:`wsimil.config.ModelConfig` it reads;
+    ``primary_score``, the instance score its paper ranks tiles by (served and drawn first);
+    ``paper``; :meth:`needs_grid`; :meth:`inference_config`.
+    """
 
     n_scales: ClassVar[int] = 1
+    config_key: ClassVar[str]
+    primary_score: ClassVar[str]
+    paper: ClassVar[str]
+
+    @classmethod
+    def section(cls, cfg: ModelConfig) -> Section:
+        """This model's section of the ``model`` config (DAMIL reads DMSMIL's)."""
+        return getattr(cfg, cls.config_key)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, in_dims: Sequence[int], n_classes: int) -> MILModel:
+        return cls(cls.section(cfg), in_dims, n_classes)
+
+    @classmethod
+    def needs_grid(cls, section: Section) -> bool:
+        """Whether the model places instances on the tile grid (so a bag must carry it)."""
+        return False
+
+    @classmethod
+    def inference_config(cls, cfg: ModelConfig) -> ModelConfig:
+        """The config a served model is rebuilt with (a loss-only term switched off)."""
+        return cfg
 
     def __init__(self, in_dims: Sequence[int], n_classes: int) -> None:
         super().__init__()

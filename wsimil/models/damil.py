@@ -8,9 +8,6 @@ section; ``ot`` and ``fusion`` have nothing to act on and are unused. With
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from wsimil.config import ModelConfig
 from wsimil.models.dmsmil import DMSMIL
 
 
@@ -18,7 +15,4 @@ class DAMIL(DMSMIL):
     """DMSMIL on one scale."""
 
     n_scales = 1
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, in_dims: Sequence[int], n_classes: int) -> DAMIL:
-        return cls(cfg.dmsmil, in_dims, n_classes)
+    paper = "DAMIL (DMSMIL's single-scale ablation)"

@@ -52,6 +52,18 @@ class DMSMIL(MILModel):
     """Two-scale model; the scales are ordered (10x, 20x)."""
 
     n_scales = 2
+    config_key = "dmsmil"
+    primary_score = "contribution"  # additive share of the decision logit
+    paper = "DMSMIL (deformable attention + multi-scale MIL with optimal transport)"
+
+    @classmethod
+    def needs_grid(cls, section: DMSMILConfig) -> bool:
+        return section.deformable  # deformable attention samples the tile grid
+
+    @classmethod
+    def inference_config(cls, cfg: ModelConfig) -> ModelConfig:
+        """L_ot is a training loss, not part of the logits: off when serving."""
+        return cfg.model_copy(update={"dmsmil": cfg.dmsmil.model_copy(update={"ot": "off"})})
 
     def __init__(self, cfg: DMSMILConfig, in_dims: Sequence[int], n_classes: int) -> None:
         super().__init__(in_dims, n_classes)
@@ -71,10 +83,6 @@ class DMSMIL(MILModel):
         )
         self.classifier = nn.Linear(d, n_classes)
         self.ot = cfg.ot if S > 1 else "off"
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, in_dims: Sequence[int], n_classes: int) -> DMSMIL:
-        return cls(cfg.dmsmil, in_dims, n_classes)
 
     def forward(self, bags: Bags) -> MILOutput:
         xs, masks = self.inputs(bags)

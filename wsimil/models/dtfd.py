@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsimil.config import DTFDConfig, ModelConfig
+from wsimil.config import DTFDConfig
 from wsimil.models.attention import GatedAttention
 from wsimil.models.base import Bags, MILModel, MILOutput, glorot_init_, masked_softmax, mlp
 
@@ -61,6 +61,9 @@ class DTFD(MILModel):
     """DTFD-MIL on one scale; see the module docstring."""
 
     n_scales = 1
+    config_key = "dtfd"
+    primary_score = "instance_prob"  # Grad-CAM instance probability (DTFD-MIL §3.1)
+    paper = "DTFD-MIL (Zhang et al., CVPR 2022)"
 
     def __init__(self, cfg: DTFDConfig, in_dims: Sequence[int], n_classes: int) -> None:
         super().__init__(in_dims, n_classes)
@@ -75,10 +78,6 @@ class DTFD(MILModel):
         probe = torch.randn(self.in_dims[0], generator=torch.Generator().manual_seed(0))
         self.register_buffer("order_probe", probe, persistent=False)
         self._train_gen = torch.Generator().manual_seed(cfg.partition_seed)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, in_dims: Sequence[int], n_classes: int) -> DTFD:
-        return cls(cfg.dtfd, in_dims, n_classes)
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """Tier 1 and tier 2 parameters: the reference clips each tier's gradient norm."""

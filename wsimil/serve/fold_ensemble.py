@@ -12,7 +12,7 @@ and combined:
 
 Each threshold was chosen on its fold's validation patients, never on the data scored
 (SPEC §3); their mean is the ensemble's decision threshold. The primary instance score per
-family is the one the paper ranks instances by (:data:`PRIMARY_SCORE`).
+family is the one the paper ranks instances by (the class's ``primary_score``).
 
 DMSMIL's optimal-transport distance is a training loss term only (it never enters the
 logits), so the inference copies are built with ``ot: off`` and skip the solver.
@@ -29,14 +29,7 @@ import numpy as np
 import torch
 
 from wsimil.config import ModelConfig
-from wsimil.models import MILModel, build_model, collate
-
-PRIMARY_SCORE = {
-    "abmil": "attention",
-    "dtfd": "instance_prob",  # Grad-CAM instance probability (DTFD-MIL §3.1)
-    "damil": "contribution",
-    "dmsmil": "contribution",  # additive share of the decision logit
-}
+from wsimil.models import MODELS, MILModel, build_model, collate
 
 
 class EnsembleError(Exception):
@@ -88,13 +81,6 @@ def read_manifest(models_dir: Path) -> dict:
     return doc
 
 
-def inference_config(family: str, cfg: ModelConfig) -> ModelConfig:
-    """The model config for inference: DMSMIL's OT term is a loss, not part of the logits."""
-    if family in ("dmsmil", "damil"):
-        return cfg.model_copy(update={"dmsmil": cfg.dmsmil.model_copy(update={"ot": "off"})})
-    return cfg
-
-
 class FoldEnsemble:
     """The fold models of one cross-validation, averaged (see the module docstring)."""
 
@@ -109,7 +95,8 @@ class FoldEnsemble:
         thresholds = [t for t in manifest.get("thresholds") or [] if t is not None]
         binary = len(self.classes) == 2
         self.threshold: float | None = float(np.mean(thresholds)) if binary and thresholds else None
-        self.primary_score = PRIMARY_SCORE.get(self.family)
+        self.model_class = MODELS[self.family]
+        self.primary_score = self.model_class.primary_score
 
     @classmethod
     def load(cls, models_dir: Path, device: str = "auto") -> FoldEnsemble:
@@ -119,7 +106,9 @@ class FoldEnsemble:
         models_dir = Path(models_dir)
         doc = read_manifest(models_dir)
         dev = resolve_device(device)
-        cfg = inference_config(doc["family"], ModelConfig.model_validate(doc["model"]))
+        if doc["family"] not in MODELS:
+            raise EnsembleError(f"{models_dir}: unknown model family '{doc['family']}'")
+        cfg = MODELS[doc["family"]].inference_config(ModelConfig.model_validate(doc["model"]))
         models = []
         for fold in doc["folds"]:
             path = models_dir / f"fold{fold}.safetensors"
@@ -135,9 +124,8 @@ class FoldEnsemble:
     @property
     def needs_grid(self) -> bool:
         """Whether the model places instances on the tile grid (DMSMIL's deformable attention)."""
-        return self.family in ("dmsmil", "damil") and bool(
-            self.manifest["model"]["dmsmil"].get("deformable", True)
-        )
+        cfg = ModelConfig.model_validate(self.manifest["model"])
+        return self.model_class.needs_grid(self.model_class.section(cfg))
 
     @torch.inference_mode()
     def predict(

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-PAPERS = {
-    "abmil": "ABMIL (Ilse et al., ICML 2018)",
-    "dtfd": "DTFD-MIL (Zhang et al., CVPR 2022)",
-    "damil": "DAMIL (DMSMIL's single-scale ablation)",
-    "dmsmil": "DMSMIL (deformable attention + multi-scale MIL with optimal transport)",
-}
+from wsimil.models import MODELS
 
 
 def model_card(name: str, doc: dict, tags: dict[str, str]) -> str:
@@ -42,7 +37,7 @@ def model_card(name: str, doc: dict, tags: dict[str, str]) -> str:
         else ""
     )
     get = lambda k: tags.get(k, "unknown")  # noqa: E731
-    return f"""# {name} — {PAPERS.get(family, family)}, fold ensemble
+    return f"""# {name} — {MODELS[family].paper if family in MODELS else family}, fold ensemble
 
 **Task.** Slide-level classification into {", ".join(f"`{c}`" for c in classes)} from
 tile features ({", ".join(doc["scales"])}; {"+".join(str(d) for d in doc["in_dims"])}-D).
