@@ -1,6 +1,6 @@
 # wsimil: two commands do all the set-up on a fresh machine.
 #   make demo   install, then run the whole pipeline (dvc repro) on the embedded demo cohort
-#   make test   install, then the test suite
+#   make test   install, then lint (ruff, import contracts) and the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -38,14 +38,18 @@ demo: install
 	time $(BIN)/dvc repro
 	$(BIN)/dvc metrics show || true
 
-test: install
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Style and architecture: ruff's lint and format, and import-linter's contracts
+# (pyproject.toml: stages import down the data flow; models/train free of MLflow & co).
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Re-resolve the lock after editing requirements.in.
 lock:
