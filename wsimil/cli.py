@@ -277,6 +277,7 @@ def _crossval_runner(params: Params, root: Path, family: str):
             lineage=lineage,
             root=root,
             lineage_files=tuple(root / f for f in ("params.yaml", "dvc.lock", cfg.splits_path)),
+            resolved_params=p.model_dump(mode="json"),
             **kwargs,
         )
 
@@ -293,13 +294,22 @@ def _summary_line(name: str, s: dict) -> str:
 @app.command()
 def crossval(
     model: ModelOption = None,
+    trial: Annotated[
+        int | None,
+        typer.Option(
+            "--trial",
+            min=0,
+            help="seed the folds as tuning trial N does (and record trial.number): reruns "
+            "that trial given its params, as `wsimil reproduce` does",
+        ),
+    ] = None,
     sets: SetOption = None,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Cross-validate one model family on the shared folds; track it in MLflow."""
     params, root = project(params_path, sets)
     family = _family(params, model)
-    result = _crossval_runner(params, root, family)(params)
+    result = _crossval_runner(params, root, family)(params, trial=trial)
     typer.echo(f"{_summary_line(family, result.summary)}  (MLflow run {result.parent_run_id})")
 
 
