@@ -432,6 +432,47 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
     )
 
 
+@app.command()
+def reproduce(
+    model_or_run: Annotated[
+        str, typer.Argument(help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID")
+    ],
+    allow_dirty: Annotated[
+        bool,
+        typer.Option("--allow-dirty", help="rerun a run made from a dirty tree (its commit)"),
+    ] = False,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Rerun a tracked cross-validation from its lineage (commit, data, params, seed); compare.
+
+    Exits 0 only when every fold metric, weight hash and params match the recorded run.
+    """
+    import os
+
+    from wsimil.reproduce import ReproduceError, format_rows
+    from wsimil.reproduce import reproduce as rerun
+    from wsimil.runtime import apply_runtime_defaults
+
+    root = params_path.resolve().parent
+    apply_runtime_defaults(root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        report = rerun(
+            model_or_run,
+            root,
+            allow_dirty=allow_dirty,
+            say=typer.echo,
+            warn=lambda m: typer.echo(f"warning: {m}", err=True),
+        )
+    except ReproduceError as exc:
+        fail(str(exc))
+    for line in format_rows(report.rows):
+        typer.echo(line)
+    if not report.identical:
+        fail(report.verdict(), code=1)
+    typer.echo(report.verdict())
+
+
 def _registry_tags(best_json: Path, splits_path: Path) -> dict[str, str]:
     """Version tags from the tuning result and the folds: trial, study, slide count."""
     import json
