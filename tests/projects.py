@@ -95,8 +95,21 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 
 def wsimil(args: list[str], project: Path, env: dict[str, str] | None = None) -> str:
     """``python -m wsimil ARGS --params project/params.yaml`` in a fresh process."""
-    cmd = [sys.executable, "-m", "wsimil", *args, "--params", str(project / "params.yaml")]
-    return run(cmd, project, env or clean_env(project))
+    return run(_wsimil_cmd(args, project), project, env or clean_env(project))
+
+
+def wsimil_status(
+    args: list[str], project: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Like :func:`wsimil`, whatever the exit status (for tests of failures)."""
+    return subprocess.run(
+        _wsimil_cmd(args, project), cwd=project, env=env or clean_env(project),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _wsimil_cmd(args: list[str], project: Path) -> list[str]:
+    return [sys.executable, "-m", "wsimil", *args, "--params", str(project / "params.yaml")]
 
 
 def build_tiny_project(project: Path) -> Path:

@@ -268,6 +268,7 @@ def _crossval_runner(params: Params, root: Path, family: str):
             lineage=lineage,
             root=root,
             lineage_files=tuple(root / f for f in ("params.yaml", "dvc.lock", cfg.splits_path)),
+            resolved_params=p.model_dump(mode="json"),
             **kwargs,
         )
 
@@ -284,13 +285,22 @@ def _summary_line(name: str, s: dict) -> str:
 @app.command()
 def crossval(
     model: ModelOption = None,
+    trial: Annotated[
+        int | None,
+        typer.Option(
+            "--trial",
+            min=0,
+            help="seed the folds as tuning trial N does (and record trial.number): reruns "
+            "that trial given its params, as `wsimil reproduce` does",
+        ),
+    ] = None,
     sets: SetOption = None,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Cross-validate one model family on the shared folds; track it in MLflow."""
     params, root = project(params_path, sets)
     family = _family(params, model)
-    result = _crossval_runner(params, root, family)(params)
+    result = _crossval_runner(params, root, family)(params, trial=trial)
     typer.echo(f"{_summary_line(family, result.summary)}  (MLflow run {result.parent_run_id})")
 
 
@@ -402,6 +412,47 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
         f"{name} version {record['version']} (CV AUC {record['cv_auc_mean']:.3f}) is challenger; "
         f"{record['champion']['reason']} -> {out}"
     )
+
+
+@app.command()
+def reproduce(
+    model_or_run: Annotated[
+        str, typer.Argument(help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID")
+    ],
+    allow_dirty: Annotated[
+        bool,
+        typer.Option("--allow-dirty", help="rerun a run made from a dirty tree (its commit)"),
+    ] = False,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Rerun a tracked cross-validation from its lineage (commit, data, params, seed); compare.
+
+    Exits 0 only when every fold metric, weight hash and params match the recorded run.
+    """
+    import os
+
+    from wsimil.experiment.reproduce import ReproduceError, format_rows
+    from wsimil.experiment.reproduce import reproduce as rerun
+    from wsimil.runtime import apply_runtime_defaults
+
+    root = params_path.resolve().parent
+    apply_runtime_defaults(root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        report = rerun(
+            model_or_run,
+            root,
+            allow_dirty=allow_dirty,
+            say=typer.echo,
+            warn=lambda m: typer.echo(f"warning: {m}", err=True),
+        )
+    except ReproduceError as exc:
+        fail(str(exc))
+    for line in format_rows(report.rows):
+        typer.echo(line)
+    if not report.identical:
+        fail(report.verdict(), code=1)
+    typer.echo(report.verdict())
 
 
 def _registry_tags(best_json: Path, splits_path: Path) -> dict[str, str]:

@@ -22,10 +22,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
-from wsimil.experiment.tracking import flatten, git_state, start_top_run
+from wsimil.experiment.tracking import RESOLVED_PARAMS, flatten, git_state, start_top_run
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
 from wsimil.train.fit import SlideBag, fit, predict, resolve_device
@@ -254,8 +255,8 @@ def run_crossval(
     root: Path,
     n_heatmaps: int = 3,
     run_name: str | None = None,
-    extra_params: dict | None = None,
     lineage_files: tuple[Path, ...] = (),
+    resolved_params: dict | None = None,
     on_fold: Callable[[FoldResult], bool] | None = None,
     trial: int | None = None,
 ) -> CVResult:
@@ -265,11 +266,17 @@ def run_crossval(
         lineage: tags recording the data version and anything else about the inputs.
         root: the project root (for git state).
         lineage_files: files logged under ``lineage/`` (params.yaml, dvc.lock, splits.json).
+        resolved_params: every params section as this run used it (``--set`` overrides and
+            a trial's values applied), logged as ``lineage/resolved_params.yaml``: what
+            ``wsimil reproduce`` reruns with.
         on_fold: called after each fold; returning False stops the cross-validation there
             (a tuner pruning a trial). The result then has ``stopped=True`` and no outputs.
         trial: the tuning trial's number (None outside a study); with the seed and the fold
-            it seeds each fold's fit (:class:`wsimil.seeding.FitSeeds`).
+            it seeds each fold's fit (:class:`wsimil.seeding.FitSeeds`); recorded as the
+            param ``trial.number``.
     """
+    from wsimil import __version__
+
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
     tags = {
@@ -277,6 +284,7 @@ def run_crossval(
         **lineage,
         "seed": str(train_cfg.seed),
         "model_family": family,
+        "wsimil_version": __version__,
         "cohort": splits["cohort"],
         "scales": ",".join(scales),
     }
@@ -289,7 +297,7 @@ def run_crossval(
             },
             "train": train_cfg.model_dump(),
             "crossval": {"n_folds": splits["n_folds"], "seed": splits["seed"]},
-            **(extra_params or {}),
+            **({} if trial is None else {"trial": {"number": trial}}),
         }
     )
     folds: list[FoldResult] = []
@@ -328,6 +336,8 @@ def run_crossval(
         for path in lineage_files:
             if Path(path).exists():
                 mlflow.log_artifact(str(path), artifact_path="lineage")
+        if resolved_params is not None:
+            mlflow.log_text(yaml.safe_dump(resolved_params, sort_keys=False), RESOLVED_PARAMS)
     return cv
 
 

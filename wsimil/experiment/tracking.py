@@ -2,10 +2,13 @@
 
 - ``git_commit`` and ``git_dirty``: the code version.
 - ``data_version``: the DVC hash (from ``dvc.lock``) of the feature cache the run read.
-- ``seed``, ``model_family``.
-- params: the model and train sections, flattened to dotted keys.
+- ``seed``, ``model_family``, ``wsimil_version``.
+- params: the model and train sections, flattened to dotted keys (plus ``trial.number``).
+- artifacts ``lineage/``: params.yaml, dvc.lock, splits.json and ``resolved_params.yaml``
+  (every section as the run used it), which ``wsimil reproduce`` rebuilds the run from.
 
-This module is the only one (with ``crossval``/``tune``/``registry``) that imports MLflow.
+This module is the only one (with ``crossval``/``tune``/``registry``/``lineage``) that
+imports MLflow.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import yaml
 
 LAUNCHER_RUN = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's command
+RESOLVED_PARAMS = "lineage/resolved_params.yaml"
 
 
 def start_top_run(experiment: str, run_name: str):

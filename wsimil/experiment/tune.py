@@ -193,7 +193,6 @@ def run_study(
                 out_dir=out_dir / "trials" / str(trial.number),
                 run_name=f"{family}-trial{trial.number}",
                 on_fold=_trial_callback(trial),
-                extra_params={"trial": {"number": trial.number}},
                 trial=trial.number,
             )
         trial.set_user_attr("mlflow_run_id", cv.parent_run_id)
