@@ -361,25 +361,25 @@ def register(model: ModelOption = None, params_path: ParamsOption = Path("params
     from wsimil.experiment.tracking import dvc_out_hash, git_state
     from wsimil.extract.cache import features_dir
     from wsimil.extract.replay import ExtractionError, recorded_extraction
-    from wsimil.serve.fold_ensemble import EnsembleError, read_manifest
     from wsimil.serve.registry import RegistryError
     from wsimil.serve.registry import register as publish
+    from wsimil.train.manifest import EnsembleError, Manifest
 
     cfg = params.registry
     source = root / cfg.source_dir / family
     name = f"{cfg.name_prefix}{family}"
     try:
-        doc = read_manifest(source / "best" / "models")
+        manifest = Manifest.read(source / "best" / "models")
         feats = root / features_dir(params.features.out_dir, params.features.extractor)
         try:
-            extraction = recorded_extraction(feats, tuple(doc["scales"]))
+            extraction = recorded_extraction(feats, manifest.scales)
         except ExtractionError as exc:
             if cfg.include_extractor:
                 raise
             typer.echo(f"warning: {exc}; registering without extraction settings", err=True)
             extraction = None
         record = publish(
-            source / "best" / "models",
+            manifest,
             name,
             experiment=params.crossval.experiment,
             extraction=extraction,
