@@ -59,7 +59,7 @@ class CVResult:
 
 def model_scales(family: str, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The cache scales a family reads: DMSMIL (10x, 20x); the others ``model.scale``."""
-    return ("10x", "20x") if MODELS[family].n_scales == 2 else (model_cfg.scale,)
+    return MODELS[family].scales(model_cfg)
 
 
 def run_fold(
