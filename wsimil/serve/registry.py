@@ -337,17 +337,9 @@ def register(
         mlflow.set_tags({**tags, "run_kind": "register", "registered_model": name})
         version = mlflow.register_model(info.model_uri, name, tags=tags).version
     new_auc = float(doc.cv.get("auc_mean", math.nan))
-    current = client.get_registered_model(name).aliases.get("champion")
-    champion_auc = None
-    if current is not None:
-        champion_auc = float(client.get_model_version(name, current).tags.get("cv_auc_mean", "nan"))
-    verdict = decide(
-        evidence,
-        None if current is None else version_evidence(client, name, current),
-        new_auc=new_auc,
-        champion=None if current is None else str(current),
-        gate=champion_gate or ChampionGateConfig(),
-        margin=champion_margin,
+    gate = champion_gate or ChampionGateConfig()
+    verdict, current, champion_auc = challenge(
+        client, name, evidence, new_auc, gate, champion_margin
     )
     for key, value in verdict.tags().items():
         client.set_model_version_tag(name, version, key, value)
@@ -375,6 +367,32 @@ def register(
         },
         "aliases": dict(client.get_registered_model(name).aliases),
     }
+
+
+def challenge(
+    client: MlflowClient,
+    name: str,
+    evidence: Evidence | None,
+    new_auc: float,
+    gate: ChampionGateConfig,
+    margin: float,
+) -> tuple[Verdict, int | None, float | None]:
+    """The gate's verdict on a new version of ``name``; its champion's version and CV AUC."""
+    current = client.get_registered_model(name).aliases.get("champion")
+    if current is None:
+        verdict = decide(evidence, None, new_auc=new_auc, champion=None, gate=gate, margin=margin)
+        return verdict, None, None
+    champion_auc = float(client.get_model_version(name, current).tags.get("cv_auc_mean", "nan"))
+    champion_evidence = version_evidence(client, name, current)
+    verdict = decide(
+        evidence,
+        champion_evidence,
+        new_auc=new_auc,
+        champion=str(current),
+        gate=gate,
+        margin=margin,
+    )
+    return verdict, current, champion_auc
 
 
 def gate_record(verdict: Verdict) -> dict:
