@@ -6,9 +6,9 @@
     python flows/deploy.py --params /data/study/params.yaml   # or for another project
 
 The extraction deployments default to the tiles/features sections of params.yaml (read
-through the CLI's loader, with paths made absolute), so pressing Run does what `dvc repro`
-would; the model-side deployments default to that project's folder. Every parameter can be
-changed in the form.
+through the CLI's loader, so every path, and an extractor or weights file, is absolute),
+so pressing Run does what `dvc repro` would; the model-side deployments default to that
+project's folder. Every parameter can be changed in the form.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ def deployments(params_path: Path = ROOT / "params.yaml") -> list:
     from wsimil.cli import project
     from wsimil.extract.flows import extract_features, select_tiles
 
-    params, root = project(params_path)
-    tiles = params.tiles.model_copy(
-        update={k: root / getattr(params.tiles, k) for k in ("slides_csv", "out_dir", "report")}
-    )
-    feats = params.features.model_copy(
-        update={k: root / getattr(params.features, k) for k in ("out_dir", "report")}
-    )
+    params, root = project(params_path)  # every path absolute under the project root
+    tiles, feats = params.tiles, params.features
     here = {"project": str(root)}
     return [
         select_tiles.to_deployment(

@@ -91,3 +91,42 @@ def test_cli_help_lists_stage_commands(tmp_path):
     assert res.returncode == 0
     for command in ("synth", "doctor"):
         assert command in res.stdout
+
+
+def test_under_makes_every_project_path_absolute(tmp_path):
+    from wsimil.config import as_written
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "encoder.pt").write_bytes(b"")
+    params = load_params(
+        write(
+            tmp_path,
+            "features:\n  extractor: models/encoder.pt\n  weights: pretrained\n"
+            "registry:\n  out_dir: /elsewhere/register\n",
+        )  # fmt: skip
+    )
+    under = params.under(tmp_path)
+    assert under.crossval.cohort_csv == tmp_path / "data" / "demo" / "slides.csv"
+    assert under.tiles.report == tmp_path / "reports" / "tiles.csv"
+    assert under.tune.out_dir == tmp_path / "results" / "tune"
+    assert under.registry.out_dir == Path("/elsewhere/register")  # absolute: kept
+    assert under.features.extractor == str(tmp_path / "models" / "encoder.pt")  # a file
+    assert under.features.weights == "pretrained"  # a name, not a file here
+    assert under.model == params.model and under.serve == params.serve
+    assert as_written(under.features.extractor, tmp_path) == "models/encoder.pt"
+    assert as_written(under.features.weights, tmp_path) == "pretrained"
+
+
+def test_cli_models_lists_every_family_with_its_facts(tmp_path):
+    from wsimil.models import MODELS
+
+    write(tmp_path, "model:\n  scale: 10x\n")
+    res = run_cli("models", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    for name, cls in MODELS.items():
+        (line,) = [ln for ln in lines if ln.split()[0] == name]
+        assert f"model.{cls.config_key}" in line and cls.primary_score in line
+        assert cls.paper in line
+        assert ("10x+20x" if cls.n_scales == 2 else " 10x ") in line
+    assert "`wsimil models`" in run_cli("crossval", "--help", cwd=tmp_path).stdout

@@ -1,19 +1,21 @@
 """The command line: one short command per pipeline stage.
 
-This is the only module that reads ``params.yaml``. Each command validates its section,
-resolves paths against the project root (the folder holding params.yaml) and calls one
-function of the package.
+This is the only module that reads ``params.yaml``. Every command takes ``--params`` and
+``-S KEY=VALUE``; :func:`project` validates the file once, makes its paths absolute under
+the project root (the folder holding it, :meth:`wsimil.config.Params.under`), and the
+command calls one function of its stage, then prints what it did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from wsimil.config import ConfigError, Params, load_params
+from wsimil.config import ConfigError, Params, as_written, load_params
 
 app = typer.Typer(
     help="wsimil: slides → tiles → features → MIL models → cross-validated, tracked runs.",
@@ -59,6 +61,9 @@ def parse_sets(sets: list[str] | None) -> dict[str, object]:
 def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, Path]:
     """Validate params.yaml (plus ``--set`` overrides) and apply the runtime defaults.
 
+    Returns:
+        The params with every path absolute under the project root, and the root.
+
     Exits with one clear line when the file, a key or a value is bad.
     """
     from wsimil.config import with_overrides
@@ -72,13 +77,17 @@ def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, P
         fail(str(exc))
     root = params_path.resolve().parent
     apply_runtime_defaults(root)
-    return params, root
+    return params.under(root), root
+
+
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 @app.command()
-def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
+def doctor(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Check params.yaml and print versions, device and where runs are tracked."""
-    params, root = project(params_path)
+    params, root = project(params_path, sets)
     import os
 
     import torch
@@ -94,16 +103,15 @@ def doctor(params_path: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def synth(params_path: ParamsOption = Path("params.yaml")) -> None:
+def synth(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the synthetic demo cohort: pyramidal TIFF slides, masks and slides.csv."""
-    params, root = project(params_path)
-    from wsimil.synth import write_cohort
-
-    cfg = params.synth
-    out_dir = root / cfg.out_dir
     import os
 
-    table = write_cohort(cfg, out_dir, n_jobs=os.cpu_count() or 1)
+    params, _ = project(params_path, sets)
+    from wsimil.synth import write_cohort
+
+    out_dir = params.synth.out_dir
+    table = write_cohort(params.synth, out_dir, n_jobs=os.cpu_count() or 1)
     n_pos = int((table["label"] != "normal").sum())
     typer.echo(f"wrote {len(table)} slides ({n_pos} with tumour) to {out_dir}")
 
@@ -125,8 +133,8 @@ def tiles(
     dask: DaskOption = None, sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")
 ) -> None:
     """Select the densest 10x tiles and one 20x child each, per slide (Prefect flow)."""
-    params, root = project(params_path, sets)
-    _run_extraction("tiles", params, root, dask)
+    params, _ = project(params_path, sets)
+    _run_extraction("tiles", params, dask)
 
 
 @app.command()
@@ -134,11 +142,11 @@ def features(
     dask: DaskOption = None, sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")
 ) -> None:
     """Embed the selected tiles into per-slide 10x/20x HDF5 feature caches (Prefect flow)."""
-    params, root = project(params_path, sets)
-    _run_extraction("features", params, root, dask)
+    params, _ = project(params_path, sets)
+    _run_extraction("features", params, dask)
 
 
-def _run_extraction(which: str, params: Params, root: Path, dask: str | None) -> None:
+def _run_extraction(which: str, params: Params, dask: str | None) -> None:
     """Run an extraction flow (wsimil.extract.flows); print failures; exit 1 if one failed."""
     import logging
     import os
@@ -159,12 +167,7 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wsimil").setLevel(logging.INFO)
-    tiles_cfg = _under_root(params.tiles, root, "slides_csv", "out_dir", "report")
-    feats_cfg = _under_root(params.features, root, "out_dir", "report")
-    for key in ("extractor", "weights"):  # a relative file name: under the project root
-        if (root / getattr(feats_cfg, key)).is_file():
-            feats_cfg = feats_cfg.model_copy(update={key: str(root / getattr(feats_cfg, key))})
-    state = flows.run(which, tiles_cfg, feats_cfg, dask=cluster)
+    state = flows.run(which, params.tiles, params.features, dask=cluster)
     if not state.is_completed():
         fail(state.message or f"the {which} flow did not complete")
     outcomes = state.result()
@@ -172,7 +175,7 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
     for o in failed:
         typer.echo(f"error: {o.error}", err=True)
     n = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached")}
-    report = (tiles_cfg if which == "tiles" else feats_cfg).report
+    report = (params.tiles if which == "tiles" else params.features).report
     typer.echo(
         f"{which}: {len(outcomes)} slides, {n['done']} computed, {n['cached']} up to date, "
         f"{len(failed)} failed; report {report}"
@@ -181,35 +184,23 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
         raise typer.Exit(1)
 
 
-def _under_root(cfg, root: Path, *fields: str):
-    """``cfg`` with the named (relative) path fields made absolute under the project root."""
-    return cfg.model_copy(update={f: root / getattr(cfg, f) for f in fields})
-
-
 @app.command()
 def splits(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
     params, root = project(params_path, sets)
-    import pandas as pd
-
-    from wsimil.train.splits import SplitError, make_splits, write_splits
+    from wsimil.train.splits import SplitError, split_cohort
 
     cfg = params.crossval
-    csv = root / cfg.cohort_csv
-    if not csv.exists():
-        fail(f"{csv}: no cohort table; run `wsimil synth` or point crossval.cohort_csv at one")
-    table = pd.read_csv(csv)
-    try:
-        doc = make_splits(table, cfg.n_folds, cfg.val_folds, cfg.seed)
-    except SplitError as exc:
-        fail(f"{csv}: {exc}")
-    write_splits(doc, root / cfg.splits_path)
+    with _failing(SplitError):
+        doc = split_cohort(cfg)
     sizes = ", ".join(f"{len(f['train'])}/{len(f['val'])}/{len(f['test'])}" for f in doc["folds"])
-    typer.echo(f"wrote {cfg.n_folds} folds (train/val/test slides: {sizes}) to {cfg.splits_path}")
+    shown = as_written(cfg.splits_path, root)
+    typer.echo(f"wrote {cfg.n_folds} folds (train/val/test slides: {sizes}) to {shown}")
 
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="abmil | dtfd | damil | dmsmil")
+    str | None,
+    typer.Option("--model", "-m", help="a model family (default model.name); see `wsimil models`"),
 ]
 
 
@@ -220,59 +211,6 @@ def _family(params: Params, model: str | None) -> str:
     if family not in MODELS:
         fail(f"unknown model '{family}'; choose one of {', '.join(MODELS)}")
     return family
-
-
-def _crossval_runner(params: Params, root: Path, family: str):
-    """Load the cohort, splits and bags once; return ``run(params, **overrides)``."""
-    from wsimil.experiment.crossval import model_scales, run_crossval
-    from wsimil.experiment.tracking import dvc_out_hash
-    from wsimil.extract.cache import features_dir
-    from wsimil.train.bags import CohortError, load_bags, read_cohort
-    from wsimil.train.splits import SplitError, read_splits
-
-    cfg = params.crossval
-    try:
-        table = read_cohort(root / cfg.cohort_csv)
-        splits_doc = read_splits(root / cfg.splits_path, table)
-    except (CohortError, SplitError) as exc:
-        fail(str(exc))
-    features_root = root / features_dir(params.features.out_dir, params.features.extractor)
-    scales = model_scales(family, params.model)
-    bags, failed = load_bags(table, features_root, scales, splits_doc["classes"])
-    for sid, why in failed.items():
-        typer.echo(f"warning: slide {sid} left out of cross-validation: {why}", err=True)
-    if len(bags) < len(table) // 2:
-        fail(
-            f"only {len(bags)} of {len(table)} slides have {'+'.join(scales)} features under "
-            f"{features_root}; run `wsimil features` (or `dvc repro`) first"
-        )
-    lineage = {
-        "data_version": dvc_out_hash(root, params.features.out_dir.as_posix()),
-        "features_dir": str(features_root.relative_to(root)),
-        "extractor": params.features.extractor,
-        "excluded_slides": ",".join(sorted(failed)) or "none",
-    }
-
-    def run(p: Params, **kwargs):
-        kwargs.setdefault("out_dir", root / cfg.out_dir / family)
-        kwargs.setdefault("n_heatmaps", cfg.n_heatmaps)
-        return run_crossval(
-            family,
-            p.model,
-            getattr(p.train, family),
-            splits_doc,
-            bags,
-            table=table,
-            cohort_dir=(root / cfg.cohort_csv).parent,
-            experiment=cfg.experiment,
-            lineage=lineage,
-            root=root,
-            lineage_files=tuple(root / f for f in ("params.yaml", "dvc.lock", cfg.splits_path)),
-            resolved_params=p.model_dump(mode="json"),
-            **kwargs,
-        )
-
-    return run
 
 
 def _summary_line(name: str, s: dict) -> str:
@@ -300,7 +238,13 @@ def crossval(
     """Cross-validate one model family on the shared folds; track it in MLflow."""
     params, root = project(params_path, sets)
     family = _family(params, model)
-    result = _crossval_runner(params, root, family)(params, trial=trial)
+    from wsimil.experiment.project import crossval_runner
+    from wsimil.train.bags import CohortError
+    from wsimil.train.splits import SplitError
+
+    with _failing(CohortError, SplitError):
+        run = crossval_runner(params, root, family, warn=warn)
+    result = run(params, trial=trial)
     typer.echo(f"{_summary_line(family, result.summary)}  (MLflow run {result.parent_run_id})")
 
 
@@ -321,97 +265,66 @@ def tune(
 
     params, root = project(params_path, sets)
     family = _family(params, model)
-    from wsimil.experiment.tune import check_space, init_study, make_storage, run_study, shown_url
+    from wsimil.experiment.project import prepare_study
+    from wsimil.train.bags import CohortError
+    from wsimil.train.splits import SplitError
 
-    cfg = params.tune
-    out_dir = root / cfg.out_dir / family
-    url = os.environ.get("WSIMIL_TUNE_STORAGE") or cfg.storage
-    try:
-        check_space(params, family)
-        storage = make_storage(url, out_dir / "journal.log")
-    except ConfigError as exc:
-        fail(str(exc))
-    study_name = cfg.study_name or f"{params.crossval.experiment}-{family}"
-    init_study(
-        storage,
-        study_name,
-        experiment=params.crossval.experiment,
-        sampler_seed=cfg.sampler_seed,
-        pruner=cfg.pruner,
-        startup=cfg.pruner_startup_trials,
-    )
+    with _failing(ConfigError, CohortError, SplitError):
+        study = prepare_study(
+            params,
+            root,
+            family,
+            storage_url=os.environ.get("WSIMIL_TUNE_STORAGE") or params.tune.storage,
+            load=not init_only,
+            warn=warn,
+        )
     if init_only:
-        typer.echo(f"study {study_name} ready in {shown_url(url) or out_dir / 'journal.log'}")
+        typer.echo(f"study {study.name} ready in {study.location}")
         return
-    run = _crossval_runner(params, root, family)
-    doc = run_study(
-        family,
-        params,
-        lambda p, **kw: run(p, n_heatmaps=0, **kw),
-        storage=storage,
-        study_name=study_name,
-        out_dir=out_dir,
-        n_trials=n_trials or cfg.n_trials,
-        timeout_s=cfg.timeout_s,
-    )
+    doc = study.run(n_trials)
     typer.echo(
         f"{family}: best CV AUC {doc['value']:.3f} (trial {doc['trial_number']}; "
         f"{doc['trials']['complete']} complete, {doc['trials']['pruned']} pruned) "
-        f"params {doc['params']} -> {out_dir / 'best.json'}"
+        f"params {doc['params']} -> {study.out_dir / 'best.json'}"
     )
 
 
 @app.command()
-def register(model: ModelOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def register(
+    model: ModelOption = None,
+    sets: SetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
     """Register the tuned fold ensemble of one family in MLflow; gate the champion alias."""
-    import json
-
-    params, root = project(params_path)
+    params, root = project(params_path, sets)
     family = _family(params, model)
-    from wsimil.experiment.tracking import dvc_out_hash, git_state
-    from wsimil.extract.cache import features_dir
-    from wsimil.extract.replay import ExtractionError, recorded_extraction
-    from wsimil.serve.fold_ensemble import EnsembleError, read_manifest
+    from wsimil.extract.replay import ExtractionError
+    from wsimil.serve.publish import register_tuned
     from wsimil.serve.registry import RegistryError
-    from wsimil.serve.registry import register as publish
+    from wsimil.train.manifest import EnsembleError
 
-    cfg = params.registry
-    source = root / cfg.source_dir / family
-    name = f"{cfg.name_prefix}{family}"
-    try:
-        doc = read_manifest(source / "best" / "models")
-        feats = root / features_dir(params.features.out_dir, params.features.extractor)
-        try:
-            extraction = recorded_extraction(feats, tuple(doc["scales"]))
-        except ExtractionError as exc:
-            if cfg.include_extractor:
-                raise
-            typer.echo(f"warning: {exc}; registering without extraction settings", err=True)
-            extraction = None
-        record = publish(
-            source / "best" / "models",
-            name,
-            experiment=params.crossval.experiment,
-            extraction=extraction,
-            serve_config=params.serve.model_dump(mode="json"),
-            champion_margin=cfg.champion_margin,
-            champion_gate=cfg.champion_gate,
-            lineage={
-                **git_state(root),
-                "data_version": dvc_out_hash(root, params.features.out_dir.as_posix()),
-            },
-            carry_extractor=cfg.include_extractor,
-            extra_tags=_registry_tags(source / "best.json", root / params.crossval.splits_path),
-        )
-    except (EnsembleError, ExtractionError, RegistryError) as exc:
-        fail(str(exc))
-    out = root / cfg.out_dir / f"{family}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    with _failing(EnsembleError, ExtractionError, RegistryError):
+        record, out = register_tuned(params, root, family, warn=warn)
     typer.echo(
-        f"{name} version {record['version']} (CV AUC {record['cv_auc_mean']:.3f}) is challenger; "
-        f"{record['champion']['reason']} -> {out}"
+        f"{record['name']} version {record['version']} (CV AUC {record['cv_auc_mean']:.3f}) is "
+        f"challenger; {record['champion']['reason']} -> {out}"
     )
+
+
+@app.command()
+def models(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+    """List the model families --model takes: scales, config section, instance score, paper."""
+    params, _ = project(params_path, sets)
+    from wsimil.models import MODELS
+
+    rows = [("family", "scales", "config", "primary score", "paper")]
+    for name, cls in MODELS.items():
+        scales = "+".join(cls.scales(params.model))
+        rows.append((name, scales, f"model.{cls.config_key}", cls.primary_score, cls.paper))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for *cols, paper in rows:
+        typer.echo("  ".join([*(c.ljust(w) for c, w in zip(cols, widths, strict=True)), paper]))
+    typer.echo(f"default: {params.model.name} (model.name); pick one with --model")
 
 
 @app.command()
@@ -455,24 +368,13 @@ def reproduce(
     typer.echo(report.verdict())
 
 
-def _registry_tags(best_json: Path, splits_path: Path) -> dict[str, str]:
-    """Version tags from the tuning result and the folds: trial, study, slide count."""
-    import json
-
-    tags = {}
-    if best_json.is_file():
-        best = json.loads(best_json.read_text())
-        tags.update(
-            {
-                "tune_study": str(best.get("study_name")),
-                "tune_trial": str(best.get("trial_number")),
-                "tune_trial_run_id": str(best.get("mlflow_run_id")),
-            }
-        )
-    if splits_path.is_file():
-        folds = json.loads(splits_path.read_text()).get("folds", [])
-        tags["n_slides"] = str(len({s for f in folds for s in f.get("test", [])}))
-    return tags
+@contextlib.contextmanager
+def _failing(*errors: type[Exception]):
+    """A stage's expected errors (each names what to fix) as one ``error:`` line, exit 2."""
+    try:
+        yield
+    except errors as exc:
+        fail(str(exc))
 
 
 def main() -> None:

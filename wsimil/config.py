@@ -313,6 +313,43 @@ class Params(Section):
     registry: RegistryConfig = RegistryConfig()  # `register` would shadow ABC.register
     serve: ServeConfig = ServeConfig()
 
+    def under(self, root: Path) -> Params:
+        """These params with every path made absolute under the project root ``root``.
+
+        Every ``Path`` field of a section is project-relative; so are ``features.extractor``
+        and ``features.weights`` when they name a file under ``root`` (a TorchScript
+        extractor, a state-dict file). Absolute paths and names stay as they are.
+        """
+        root = Path(root)
+        update = {}
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            paths = {k: root / v for k, v in section if isinstance(v, Path)}
+            if name == "features":
+                files = {k: root / getattr(section, k) for k in ("extractor", "weights")}
+                paths.update({k: str(f) for k, f in files.items() if f.is_file()})
+            update[name] = section.model_copy(update=paths)
+        return self.model_copy(update=update)
+
+    def relative_to(self, root: Path) -> Params:
+        """The inverse of :meth:`under`: paths under ``root`` relative again, as written."""
+        update = {}
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            paths = {k: Path(as_written(v, root)) for k, v in section if isinstance(v, Path)}
+            if name == "features":
+                paths.update(
+                    {k: as_written(getattr(section, k), root) for k in ("extractor", "weights")}
+                )
+            update[name] = section.model_copy(update=paths)
+        return self.model_copy(update=update)
+
+
+def as_written(value: str | Path, root: Path) -> str:
+    """One value of :meth:`Params.under` as params.yaml gives it: relative to ``root`` again."""
+    path = Path(value)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(value)
+
 
 def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
     """A copy of ``params`` with dotted keys replaced (``{"model.dmsmil.lam": 0.5}``).

@@ -30,6 +30,7 @@ from wsimil.experiment.tracking import RESOLVED_PARAMS, flatten, git_state, star
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
 from wsimil.train.fit import SlideBag, fit, predict, resolve_device
+from wsimil.train.manifest import Manifest
 from wsimil.train.metrics import choose_threshold, predict_labels, slide_metrics, summarize
 
 
@@ -59,7 +60,7 @@ class CVResult:
 
 def model_scales(family: str, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The cache scales a family reads: DMSMIL (10x, 20x); the others ``model.scale``."""
-    return ("10x", "20x") if MODELS[family].n_scales == 2 else (model_cfg.scale,)
+    return MODELS[family].scales(model_cfg)
 
 
 def run_fold(
@@ -218,23 +219,22 @@ def weights_sha256(state_dict: dict) -> str:
 
 
 def save_fold_models(result: CVResult, model_cfg: ModelConfig, scales, out: Path) -> None:
-    """Fold state dicts (safetensors, no pickles) and the config needed to rebuild them."""
+    """Fold state dicts (safetensors, no pickles) and the manifest needed to rebuild them."""
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     for f in result.folds:
         (models / f"fold{f.fold}.safetensors").write_bytes(weights_bytes(f.state_dict))
-    doc = {
-        "family": result.family,
-        "model": model_cfg.model_dump(mode="json"),
-        "scales": list(scales),
-        "in_dims": list(result.in_dims),
-        "classes": result.classes,
-        "thresholds": [f.threshold for f in result.folds],
-        "folds": [f.fold for f in result.folds],
-        "cv": result.summary,
-        "parent_run_id": result.parent_run_id,
-    }
-    (models / "ensemble.json").write_text(json.dumps(doc, indent=1))
+    Manifest(
+        family=result.family,
+        model=model_cfg.model_dump(mode="json"),
+        scales=tuple(scales),
+        in_dims=tuple(result.in_dims),
+        classes=tuple(result.classes),
+        thresholds=tuple(f.threshold for f in result.folds),
+        folds=tuple(f.fold for f in result.folds),
+        cv=result.summary,
+        parent_run_id=result.parent_run_id,
+    ).write(models)
 
 
 # --- the tracked run ------------------------------------------------------------------------

@@ -58,9 +58,10 @@ def git_state(root: Path) -> dict[str, str]:
     }
 
 
-def dvc_out_hash(root: Path, out_path: str) -> str:
+def dvc_out_hash(root: Path, out_path: str | Path) -> str:
     """The md5 that ``dvc.lock`` records for the stage output at ``out_path``.
 
+    ``out_path`` is relative to ``root``, or absolute under it (``Params.under``).
     Returns "untracked" when no stage in dvc.lock produces it (e.g. a cache the user
     brought without DVC).
     """
@@ -68,7 +69,10 @@ def dvc_out_hash(root: Path, out_path: str) -> str:
     if not lock.exists():
         return "untracked"
     doc = yaml.safe_load(lock.read_text()) or {}
-    want = Path(out_path).as_posix().rstrip("/")
+    path = Path(out_path)
+    if path.is_absolute() and path.is_relative_to(root):  # dvc.lock paths are root-relative
+        path = path.relative_to(root)
+    want = path.as_posix().rstrip("/")
     for stage in (doc.get("stages") or {}).values():
         for out in stage.get("outs") or []:
             if Path(out.get("path", "")).as_posix().rstrip("/") == want:

@@ -169,7 +169,8 @@ def run_study(
 
     Args:
         crossval_fn: ``crossval_fn(params, out_dir=..., run_name=..., on_fold=...)`` runs one
-            tracked cross-validation with the trial's params (see ``wsimil.cli``).
+            tracked cross-validation with the trial's params
+            (:func:`wsimil.experiment.project.crossval_runner`).
         out_dir: ``<tune.out_dir>/<family>``; trials write ``trials/<number>/``.
     """
     space = check_space(params, family)

@@ -139,9 +139,10 @@ class MILModel(nn.Module, ABC):
 
     A model class carries its own facts, and everything else (cross-validation, tuning, the
     CLI's ``wsimil models``, flow parameter types, the model card, serving) reads them here:
-    ``n_scales``; ``config_key``, the section of :class:`wsimil.config.ModelConfig` it reads;
-    ``primary_score``, the instance score its paper ranks tiles by (served and drawn first);
-    ``paper``; :meth:`needs_grid`; :meth:`inference_config`.
+    ``n_scales`` and :meth:`scales`; ``config_key``, the section of
+    :class:`wsimil.config.ModelConfig` it reads; ``primary_score``, the instance score its
+    paper ranks tiles by (served and drawn first); ``paper``; :meth:`needs_grid`;
+    :meth:`inference_config`.
     """
 
     n_scales: ClassVar[int] = 1
@@ -153,6 +154,11 @@ class MILModel(nn.Module, ABC):
     def section(cls, cfg: ModelConfig) -> Section:
         """This model's section of the ``model`` config (DAMIL reads DMSMIL's)."""
         return getattr(cfg, cls.config_key)
+
+    @classmethod
+    def scales(cls, cfg: ModelConfig) -> tuple[str, ...]:
+        """The feature-cache scales it reads: (10x, 20x) for two, else ``model.scale``."""
+        return ("10x", "20x") if cls.n_scales == 2 else (cfg.scale,)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, in_dims: Sequence[int], n_classes: int) -> MILModel:

@@ -1,9 +1,9 @@
 """The fold ensemble that ``register`` publishes: k fold models answering as one.
 
 Cross-validation keeps every fold's model (``models/fold<k>.safetensors``, state dicts, no
-pickles) and ``models/ensemble.json`` (family, model config, scales, input dimensions,
-classes, each fold's validation-chosen threshold, the CV summary). Here they are rebuilt
-and combined:
+pickles) and ``models/ensemble.json`` (:class:`wsimil.train.manifest.Manifest`: family,
+model config, scales, input dimensions, classes, each fold's validation-chosen threshold,
+the CV summary). Here they are rebuilt and combined:
 
     p(c | bag)  = mean over folds of softmax(logits_fold)          class probabilities
     label       = positive if p(1) >= mean of the fold thresholds  binary tasks
@@ -21,7 +21,6 @@ Knows nothing of MLflow.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +29,7 @@ import torch
 
 from wsimil.config import ModelConfig
 from wsimil.models import MODELS, MILModel, build_model, collate
-
-
-class EnsembleError(Exception):
-    """A models folder that cannot be loaded; the message names the file."""
+from wsimil.train.manifest import EnsembleError, Manifest
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class BagResult:
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when present, else CPU.
 
-    Deliberately not ``wsimil.train.fit.resolve_device``: importing train pulls scikit-learn
+    Deliberately not ``wsimil.train.fit.resolve_device``: importing train.fit pulls scikit-learn
     (metrics) into the served model, whose pinned requirements leave it out.
     """
     if name == "auto":
@@ -57,42 +53,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def read_manifest(models_dir: Path) -> dict:
-    """``ensemble.json`` of a models folder, checked to name existing fold files.
-
-    Raises:
-        EnsembleError: the manifest or a fold file is missing or incomplete.
-    """
-    models_dir = Path(models_dir)
-    path = models_dir / "ensemble.json"
-    if not path.is_file():
-        raise EnsembleError(
-            f"{path}: no ensemble manifest; run `wsimil tune` (or `wsimil crossval`) first"
-        )
-    doc = json.loads(path.read_text())
-    missing = [
-        k for k in ("family", "model", "scales", "in_dims", "classes", "folds") if k not in doc
-    ]
-    if missing:
-        raise EnsembleError(f"{path}: missing key(s) {', '.join(missing)}")
-    for fold in doc["folds"]:
-        if not (models_dir / f"fold{fold}.safetensors").is_file():
-            raise EnsembleError(f"{models_dir}: fold{fold}.safetensors is listed but missing")
-    return doc
-
-
 class FoldEnsemble:
     """The fold models of one cross-validation, averaged (see the module docstring)."""
 
-    def __init__(self, manifest: dict, models: list[MILModel], device: torch.device) -> None:
+    def __init__(self, manifest: Manifest, models: list[MILModel], device: torch.device) -> None:
         self.manifest = manifest
         self.models = models
         self.device = device
-        self.family: str = manifest["family"]
-        self.scales: tuple[str, ...] = tuple(manifest["scales"])
-        self.in_dims: tuple[int, ...] = tuple(int(d) for d in manifest["in_dims"])
-        self.classes: list[str] = list(manifest["classes"])
-        thresholds = [t for t in manifest.get("thresholds") or [] if t is not None]
+        self.family: str = manifest.family
+        self.scales: tuple[str, ...] = manifest.scales
+        self.in_dims: tuple[int, ...] = manifest.in_dims
+        self.classes: list[str] = list(manifest.classes)
+        thresholds = [t for t in manifest.thresholds if t is not None]
         binary = len(self.classes) == 2
         self.threshold: float | None = float(np.mean(thresholds)) if binary and thresholds else None
         self.model_class = MODELS[self.family]
@@ -104,15 +76,15 @@ class FoldEnsemble:
         from safetensors.torch import load_file
 
         models_dir = Path(models_dir)
-        doc = read_manifest(models_dir)
+        doc = Manifest.read(models_dir)
         dev = resolve_device(device)
-        if doc["family"] not in MODELS:
-            raise EnsembleError(f"{models_dir}: unknown model family '{doc['family']}'")
-        cfg = MODELS[doc["family"]].inference_config(ModelConfig.model_validate(doc["model"]))
+        if doc.family not in MODELS:
+            raise EnsembleError(f"{models_dir}: unknown model family '{doc.family}'")
+        cfg = MODELS[doc.family].inference_config(ModelConfig.model_validate(doc.model))
         models = []
-        for fold in doc["folds"]:
-            path = models_dir / f"fold{fold}.safetensors"
-            model = build_model(doc["family"], cfg, doc["in_dims"], len(doc["classes"]))
+        for fold in doc.folds:
+            path = doc.fold_path(fold)
+            model = build_model(doc.family, cfg, doc.in_dims, len(doc.classes))
             try:
                 model.load_state_dict(load_file(str(path)))
             except RuntimeError as exc:
@@ -124,7 +96,7 @@ class FoldEnsemble:
     @property
     def needs_grid(self) -> bool:
         """Whether the model places instances on the tile grid (DMSMIL's deformable attention)."""
-        cfg = ModelConfig.model_validate(self.manifest["model"])
+        cfg = ModelConfig.model_validate(self.manifest.model)
         return self.model_class.needs_grid(self.model_class.section(cfg))
 
     @torch.inference_mode()

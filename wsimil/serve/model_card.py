@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from wsimil.models import MODELS
+from wsimil.train.manifest import Manifest
 
 
-def model_card(name: str, doc: dict, tags: dict[str, str]) -> str:
+def model_card(name: str, doc: Manifest, tags: dict[str, str]) -> str:
     """Markdown for one version of ``name``.
 
     Args:
         doc: the ensemble manifest (``ensemble.json``).
         tags: the version's tags (:func:`wsimil.serve.registry.version_tags`).
     """
-    family, classes = doc["family"], doc["classes"]
-    thresholds = [t for t in doc.get("thresholds") or [] if t is not None]
+    family, classes = doc.family, doc.classes
+    thresholds = [t for t in doc.thresholds if t is not None]
     if len(classes) == 2 and thresholds:
         mean_t = sum(thresholds) / len(thresholds)
         rule = (
@@ -23,7 +24,7 @@ def model_card(name: str, doc: dict, tags: dict[str, str]) -> str:
         )
     else:
         rule = "the class of highest mean probability"
-    cv = doc.get("cv") or {}
+    cv = doc.cv
     nan = float("nan")
     rows = "\n".join(
         f"| {m.upper()} | {cv.get(f'{m}_mean', nan):.3f} | {cv.get(f'{m}_std', nan):.3f} |"
@@ -40,9 +41,9 @@ def model_card(name: str, doc: dict, tags: dict[str, str]) -> str:
     return f"""# {name} — {MODELS[family].paper if family in MODELS else family}, fold ensemble
 
 **Task.** Slide-level classification into {", ".join(f"`{c}`" for c in classes)} from
-tile features ({", ".join(doc["scales"])}; {"+".join(str(d) for d in doc["in_dims"])}-D).
+tile features ({", ".join(doc.scales)}; {"+".join(str(d) for d in doc.in_dims)}-D).
 
-**Model.** The {len(doc["folds"])} fold models of one cross-validation (the best tuning
+**Model.** The {len(doc.folds)} fold models of one cross-validation (the best tuning
 trial). Answer: the mean of the fold models' class probabilities; label: {rule}.
 Per instance: the fold-mean score, top instances returned with their coordinates.
 
@@ -55,7 +56,7 @@ Per instance: the fold-mean score, top instances returned with their coordinates
   cross-validation run `{get("source_run_id")}`
 
 ## Metrics
-{len(doc["folds"])}-fold cross-validation, patients grouped, test folds held out
+{len(doc.folds)}-fold cross-validation, patients grouped, test folds held out
 (mean ± std over folds):
 
 | metric | mean | std |

@@ -41,9 +41,9 @@ from mlflow import MlflowClient
 from wsimil.config import ChampionGateConfig, ServeConfig
 from wsimil.experiment.tracking import start_top_run
 from wsimil.serve.champion_gate import Evidence, EvidenceError, Verdict, decide
-from wsimil.serve.fold_ensemble import read_manifest
 from wsimil.serve.model_card import model_card
 from wsimil.serve.pyfunc import BUNDLE, example_request, request_signature
+from wsimil.train.manifest import Manifest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # wsimil/
 ENTRY = PACKAGE_DIR / "serve" / "entry.py"
@@ -93,20 +93,22 @@ def canonical_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def make_bundle(models_dir: Path, extraction: dict | None, dest: Path, *, carry: bool) -> Path:
+def make_bundle(
+    models: Manifest | Path, extraction: dict | None, dest: Path, *, carry: bool
+) -> Path:
     """Write the served model's files to ``dest`` (layout in :mod:`wsimil.serve.pyfunc`).
 
     Args:
-        models_dir: a cross-validation ``models/`` folder.
+        models: a cross-validation ``models/`` folder, or its manifest already read.
         extraction: the recorded extraction settings (None: features-only model).
         carry: ship the extractor's weights, so that the model accepts slide paths.
     """
-    doc = read_manifest(models_dir)
+    manifest = Manifest.of(models)
     (dest / "models").mkdir(parents=True)
-    shutil.copy2(models_dir / "ensemble.json", dest / "models" / "ensemble.json")
-    for fold in doc["folds"]:
-        name = f"fold{fold}.safetensors"
-        shutil.copy2(models_dir / name, dest / "models" / name)
+    shutil.copy2(manifest.path, dest / "models" / manifest.path.name)
+    for fold in manifest.folds:
+        src = manifest.fold_path(fold)
+        shutil.copy2(src, dest / "models" / src.name)
     if extraction is not None:
         record = {k: v for k, v in extraction.items() if k != "weights_path"}  # this machine's
         if extraction["weights"] != "random":
@@ -164,28 +166,22 @@ def copy_package(dest: Path) -> Path:
 
 
 def log_ensemble(
-    models_dir: Path,
+    manifest: Manifest,
     *,
     extraction: dict | None,
     serve_config: dict,
     requirements: list[str],
     carry_extractor: bool,
-) -> tuple[mlflow.models.model.ModelInfo, dict]:
+) -> mlflow.models.model.ModelInfo:
     """Log the fold ensemble as a pyfunc model in the active run; check it answers.
-
-    Returns:
-        The logged model's info and the ensemble manifest.
 
     Raises:
         RegistryError: the logged model cannot answer its own input example.
     """
-    doc = read_manifest(models_dir)
-    scales, in_dims = tuple(doc["scales"]), tuple(doc["in_dims"])
-    example = example_request(scales, in_dims)
+    scales = manifest.scales
+    example = example_request(scales, manifest.in_dims)
     with tempfile.TemporaryDirectory(prefix="wsimil-register-") as tmp:
-        bundle = make_bundle(
-            Path(models_dir), extraction, Path(tmp) / "bundle", carry=carry_extractor
-        )
+        bundle = make_bundle(manifest, extraction, Path(tmp) / "bundle", carry=carry_extractor)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(ENTRY),
@@ -200,16 +196,16 @@ def log_ensemble(
         answer = mlflow.pyfunc.load_model(info.model_uri).predict(example)
     except Exception as exc:
         raise RegistryError(f"the logged model {info.model_uri} cannot answer: {exc}") from exc
-    if not (len(answer) == 1 and set(answer[0]["probabilities"]) == set(doc["classes"])):
+    if not (len(answer) == 1 and set(answer[0]["probabilities"]) == set(manifest.classes)):
         raise RegistryError(f"the logged model {info.model_uri} answered {answer!r}")
-    return info, doc
+    return info
 
 
 # --- the evidence the champion gate reads ---------------------------------------------------
 
 
-def cv_evidence(models_dir: Path, doc: dict) -> Evidence | None:
-    """The pooled test predictions of the cross-validation ``models_dir`` came from.
+def cv_evidence(manifest: Manifest) -> Evidence | None:
+    """The pooled test predictions of the cross-validation the manifest's folder came from.
 
     Returns:
         None when the folder beside ``models/`` holds no ``report/predictions.csv``.
@@ -218,24 +214,24 @@ def cv_evidence(models_dir: Path, doc: dict) -> Evidence | None:
         RegistryError: the predictions do not reproduce the manifest's folds and CV AUC
             (they belong to another run).
     """
-    path = Path(models_dir).parent / PREDICTIONS
+    path = Path(manifest.models_dir).parent / PREDICTIONS
     if not path.is_file():
         return None
     try:
-        evidence = Evidence.read(path, doc["classes"])
+        evidence = Evidence.read(path, list(manifest.classes))
     except EvidenceError as exc:
         raise RegistryError(str(exc)) from None
     aucs = evidence.fold_aucs()
     finite = [a for a in aucs.values() if math.isfinite(a)]
     scored = float(np.mean(finite)) if finite else math.nan
-    recorded = float((doc.get("cv") or {}).get("auc_mean", math.nan))
+    recorded = float(manifest.cv.get("auc_mean", math.nan))
     same_auc = math.isclose(scored, recorded, abs_tol=1e-6) or (
         math.isnan(scored) and math.isnan(recorded)
     )
-    if sorted(aucs) != sorted(int(f) for f in doc["folds"]) or not same_auc:
+    if sorted(aucs) != sorted(manifest.folds) or not same_auc:
         raise RegistryError(
             f"{path} (folds {sorted(aucs)}, mean fold AUC {scored:.4f}) does not match "
-            f"{Path(models_dir) / 'ensemble.json'} (folds {doc['folds']}, CV AUC "
+            f"{manifest.path} (folds {list(manifest.folds)}, CV AUC "
             f"{recorded:.4f}): they come from different runs; re-run `wsimil tune`"
         )
     return evidence
@@ -254,20 +250,20 @@ def version_evidence(client: MlflowClient, name: str, version: str) -> Evidence 
             return None
 
 
-def version_tags(doc: dict, lineage: dict[str, str], extraction: dict | None) -> dict[str, str]:
+def version_tags(doc: Manifest, lineage: dict[str, str], extraction: dict | None) -> dict[str, str]:
     """Tags of a model version: CV metrics, lineage and what it needs as input."""
-    cv = doc.get("cv") or {}
+    cv = doc.cv
     tags = {f"cv_{k}": f"{float(cv[k]):.6f}" for k in METRIC_TAGS if k in cv}
     tags.update(lineage)
     tags.update(
         {
-            "family": doc["family"],
-            "classes": ",".join(doc["classes"]),
-            "scales": ",".join(doc["scales"]),
-            "in_dims": ",".join(str(d) for d in doc["in_dims"]),
-            "n_folds": str(len(doc["folds"])),
+            "family": doc.family,
+            "classes": ",".join(doc.classes),
+            "scales": ",".join(doc.scales),
+            "in_dims": ",".join(str(d) for d in doc.in_dims),
+            "n_folds": str(len(doc.folds)),
             "threshold_rule": "mean of the fold thresholds chosen on validation",
-            "source_run_id": str(doc.get("parent_run_id") or ""),
+            "source_run_id": str(doc.parent_run_id or ""),
         }
     )
     if extraction is not None:
@@ -290,7 +286,7 @@ def source_lineage(client: MlflowClient, run_id: str | None) -> dict[str, str]:
 
 
 def register(
-    models_dir: Path,
+    models: Manifest | Path,
     name: str,
     *,
     experiment: str,
@@ -306,6 +302,7 @@ def register(
     """Log, register and gate one fold ensemble (see the module docstring).
 
     Args:
+        models: a cross-validation ``models/`` folder, or its manifest already read.
         champion_margin: the minimum AUC gain over the champion (``registry.champion_margin``).
         champion_gate: how sure the gain must be (default: ``registry.champion_gate``'s
             defaults).
@@ -318,38 +315,31 @@ def register(
     Returns:
         The registration record (name, version, aliases, whether champion moved and why).
     """
+    doc = Manifest.of(models)
     client = MlflowClient()
-    evidence = cv_evidence(models_dir, read_manifest(models_dir))
+    evidence = cv_evidence(doc)
     with start_top_run(experiment, f"register-{name}") as run:
-        info, doc = log_ensemble(
-            models_dir,
+        info = log_ensemble(
+            doc,
             extraction=extraction,
             serve_config=serve_config or ServeConfig().model_dump(mode="json"),
             requirements=requirements or serving_requirements(),
             carry_extractor=carry_extractor,
         )
         tags = version_tags(
-            doc, {**lineage, **source_lineage(client, doc.get("parent_run_id"))}, extraction
+            doc, {**lineage, **source_lineage(client, doc.parent_run_id)}, extraction
         )
         tags.update(extra_tags or {})
         if evidence is not None:
-            mlflow.log_artifact(str(Path(models_dir).parent / PREDICTIONS), "evidence")
+            mlflow.log_artifact(str(doc.models_dir.parent / PREDICTIONS), "evidence")
             tags["test_predictions"] = f"runs:/{run.info.run_id}/evidence/{PREDICTIONS.name}"
             tags["test_folds_sha256"] = evidence.folds_sha256
         mlflow.set_tags({**tags, "run_kind": "register", "registered_model": name})
         version = mlflow.register_model(info.model_uri, name, tags=tags).version
-    new_auc = float((doc.get("cv") or {}).get("auc_mean", math.nan))
-    current = client.get_registered_model(name).aliases.get("champion")
-    champion_auc = None
-    if current is not None:
-        champion_auc = float(client.get_model_version(name, current).tags.get("cv_auc_mean", "nan"))
-    verdict = decide(
-        evidence,
-        None if current is None else version_evidence(client, name, current),
-        new_auc=new_auc,
-        champion=None if current is None else str(current),
-        gate=champion_gate or ChampionGateConfig(),
-        margin=champion_margin,
+    new_auc = float(doc.cv.get("auc_mean", math.nan))
+    gate = champion_gate or ChampionGateConfig()
+    verdict, current, champion_auc = challenge(
+        client, name, evidence, new_auc, gate, champion_margin
     )
     for key, value in verdict.tags().items():
         client.set_model_version_tag(name, version, key, value)
@@ -360,7 +350,7 @@ def register(
         client.set_registered_model_alias(name, "champion", version)
     if not client.get_registered_model(name).description:
         client.update_registered_model(
-            name, f"wsimil {doc['family']} fold ensemble; each version's description is its card."
+            name, f"wsimil {doc.family} fold ensemble; each version's description is its card."
         )
     return {
         "name": name,
@@ -377,6 +367,32 @@ def register(
         },
         "aliases": dict(client.get_registered_model(name).aliases),
     }
+
+
+def challenge(
+    client: MlflowClient,
+    name: str,
+    evidence: Evidence | None,
+    new_auc: float,
+    gate: ChampionGateConfig,
+    margin: float,
+) -> tuple[Verdict, int | None, float | None]:
+    """The gate's verdict on a new version of ``name``; its champion's version and CV AUC."""
+    current = client.get_registered_model(name).aliases.get("champion")
+    if current is None:
+        verdict = decide(evidence, None, new_auc=new_auc, champion=None, gate=gate, margin=margin)
+        return verdict, None, None
+    champion_auc = float(client.get_model_version(name, current).tags.get("cv_auc_mean", "nan"))
+    champion_evidence = version_evidence(client, name, current)
+    verdict = decide(
+        evidence,
+        champion_evidence,
+        new_auc=new_auc,
+        champion=str(current),
+        gate=gate,
+        margin=margin,
+    )
+    return verdict, current, champion_auc
 
 
 def gate_record(verdict: Verdict) -> dict:

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from wsimil.config import CrossvalConfig
+
 
 class SplitError(Exception):
     """The cohort cannot be split as asked; the message says why and what to change."""
@@ -35,6 +37,25 @@ def _grouped_folds(
     """Index arrays of ``n_splits`` patient-disjoint, label-stratified parts."""
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [part for _, part in sgkf.split(np.zeros(len(labels)), labels, groups)]
+
+
+def split_cohort(cfg: CrossvalConfig) -> dict:
+    """Split the cohort table ``cfg.cohort_csv`` (:func:`make_splits`); write ``cfg.splits_path``.
+
+    Raises:
+        SplitError: there is no table, or it cannot be split as asked (the message names it).
+    """
+    csv = Path(cfg.cohort_csv)
+    if not csv.exists():
+        raise SplitError(
+            f"{csv}: no cohort table; run `wsimil synth` or point crossval.cohort_csv at one"
+        )
+    try:
+        doc = make_splits(pd.read_csv(csv), cfg.n_folds, cfg.val_folds, cfg.seed)
+    except SplitError as exc:
+        raise SplitError(f"{csv}: {exc}") from None
+    write_splits(doc, cfg.splits_path)
+    return doc
 
 
 def make_splits(table: pd.DataFrame, n_folds: int, val_folds: int, seed: int) -> dict:
