@@ -13,7 +13,9 @@ imports MLflow.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,7 +41,14 @@ def start_top_run(experiment: str, run_name: str):
 
 
 def git_state(root: Path) -> dict[str, str]:
-    """``git_commit`` (or "unknown" outside a git checkout) and ``git_dirty``."""
+    """``git_commit`` (or "unknown" outside a git checkout), ``git_dirty`` and what is dirty.
+
+    ``git_dirty`` is about the code and configuration the commit does not hold. Files whose
+    content every run records itself are left out, so ``dvc repro`` (which rewrites them on
+    its way) does not make its own runs dirty: ``dvc.lock`` and ``params.yaml`` (logged as
+    lineage artifacts, with the resolved params) and the outputs of the DVC stages (the data
+    version pins them; ``splits.json`` is logged too).
+    """
 
     def git(*args: str) -> str | None:
         try:
@@ -48,14 +57,42 @@ def git_state(root: Path) -> dict[str, str]:
             )
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return res.stdout.strip() if res.returncode == 0 else None
+        return res.stdout if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--no-renames", ".")
+    prefix = (git("rev-parse", "--show-prefix") or "").strip()
+    if status is None:
+        return {"git_commit": (commit or "").strip() or "unknown", "git_dirty": "unknown"}
+    recorded = _recorded_by_runs(Path(root))
+    dirty = []
+    for line in status.splitlines():
+        path = line[3:].strip().strip('"')
+        rel = path[len(prefix) :] if prefix and path.startswith(prefix) else path
+        if not any(fnmatch.fnmatch(rel, pat) or rel.startswith(pat.rstrip("/") + "/")
+                   for pat in recorded):  # fmt: skip
+            dirty.append(rel)
     return {
-        "git_commit": commit or "unknown",
-        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "git_commit": commit.strip() if commit else "unknown",
+        "git_dirty": str(bool(dirty)).lower(),
+        **({"git_dirty_files": ",".join(dirty)[:500]} if dirty else {}),
     }
+
+
+def _recorded_by_runs(root: Path) -> list[str]:
+    """Patterns of the files a run records itself: dvc.lock, params.yaml, the stage outputs."""
+    patterns = ["dvc.lock", "params.yaml"]
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return patterns
+    for stage in stages.values():
+        spec = stage.get("do", stage) if isinstance(stage, dict) else {}
+        for kind in ("outs", "metrics", "plots"):
+            for out in spec.get(kind) or []:
+                path = next(iter(out)) if isinstance(out, dict) else str(out)
+                patterns.append(re.sub(r"\$\{[^}]*\}", "*", path))
+    return patterns
 
 
 def dvc_out_hash(root: Path, out_path: str | Path) -> str:
