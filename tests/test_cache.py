@@ -7,7 +7,6 @@ import h5py
 import numpy as np
 import pytest
 
-from wsimil.extract import cache
 from wsimil.extract.cache import (
     BagError,
     bag_path,
@@ -132,7 +131,33 @@ def test_feature_folders_are_named_after_the_extractor(tmp_path):
     assert bag_path(tmp_path, "s1", "20x") == tmp_path / "20x" / "s1.h5"
 
 
-def test_source_version_follows_the_code():
-    v = cache.source_version("wsimil.extract.tiles")
-    assert v.startswith("0.") and "+" in v
-    assert v != cache.source_version("wsimil.extract.tiles", "wsimil.extract.slide")
+def test_caches_are_redone_when_a_rule_version_changes_and_only_then(
+    tiny_cohort, tmp_path, monkeypatch
+):
+    """The code's part of a cache's provenance is the declared rule versions, not its source."""
+    from wsimil.config import FeaturesConfig, TilesConfig
+    from wsimil.extract import features, tiles
+    from wsimil.extract.extractors import build_extractor
+    from wsimil.extract.slide import SlideRef
+
+    out, table = tiny_cohort
+    ref = SlideRef("s0", out / table.path[0])
+    tcfg = TilesConfig(tile_px=64, top_k=4)
+    fcfg = FeaturesConfig(extractor="resnet18", weights="random", num_workers=0)
+    ex = build_extractor(fcfg, tile_px=64)
+    tiles_dir, root = tmp_path / "tiles", tmp_path / "features"
+
+    def run() -> tuple[bool, bool]:  # (tiles reused, features reused)
+        sel, cached = tiles.tiles_for_slide(ref, tcfg, tiles_dir)
+        return cached, features.features_for_slide(ref, sel, ex, fcfg, root).skipped
+
+    assert run() == (False, False)
+    assert run() == (True, True)
+    attrs = read_bag(bag_path(root, "s0", "20x")).attrs
+    assert attrs["tiles_code_version"] == tiles.TILES_RULE
+    assert attrs["code_version"] == features.FEATURES_RULE
+    monkeypatch.setattr(features, "FEATURES_RULE", features.FEATURES_RULE + 1)
+    assert run() == (True, False)  # same tiles, embedded again
+    assert run() == (True, True)
+    monkeypatch.setattr(tiles, "TILES_RULE", tiles.TILES_RULE + 1)
+    assert run() == (False, False)  # selected again, so embedded again

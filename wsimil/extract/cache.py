@@ -12,6 +12,13 @@ Layout, compatible with CLAM and TRIDENT readers::
       attrs: slide_id, slide_path, scale, mpp, tile_px, top_k, density_threshold, seed,
              extractor, weights, weights_sha256, code_version, ... (see wsimil.extract.features)
 
+A cache is reused while its attributes match what it would be made from now. The code's
+part of that is a declared rule version per stage, not a hash of the source:
+``tiles_code_version`` is :data:`wsimil.extract.tiles.TILES_RULE` (which tiles a slide
+keeps) and ``code_version`` is :data:`wsimil.extract.features.FEATURES_RULE` (how kept
+tiles become features). Editing the code leaves every cache valid; a change that alters
+the output must bump its rule by hand, and ``tests/test_golden.py`` fails until it does.
+
 Files are written under a temporary name and renamed, so an interrupted run leaves either
 the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TRIDENT
 (``features`` + ``coords``), deriving ``grid`` from the coordinates and tile size.
@@ -19,12 +26,9 @@ the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TR
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import re
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import h5py
@@ -103,17 +107,6 @@ def _plain(attrs) -> dict:
             value = value.item()
         out[key] = value
     return out
-
-
-@cache
-def source_version(*modules: str) -> str:
-    """``<package version>+<12 hex of the sources of modules>``: the code that made a cache."""
-    from wsimil import __version__
-
-    digest = hashlib.sha256()
-    for name in modules:
-        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
 
 
 # --- paths ----------------------------------------------------------------------------------
