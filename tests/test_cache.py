@@ -9,10 +9,16 @@ import pytest
 
 from wsimil.extract.cache import (
     BagError,
+    ExtractorSettings,
+    Provenance,
+    ProvenanceError,
+    SlideSource,
+    TileSettings,
     bag_path,
     extractor_tag,
     features_dir,
     matches,
+    read_attrs,
     read_bag,
     read_pair,
     write_h5,
@@ -161,3 +167,27 @@ def test_caches_are_redone_when_a_rule_version_changes_and_only_then(
     assert run() == (True, True)
     monkeypatch.setattr(tiles, "TILES_RULE", tiles.TILES_RULE + 1)
     assert run() == (False, False)  # selected again, so embedded again
+
+
+def test_the_provenance_record_round_trips_through_the_attributes_caches_carry(tmp_path):
+    record = Provenance(
+        TileSettings(64, 8, 200, 0.0, 0, rule=1),
+        ExtractorSettings("resnet18", "random", "", 0, 512, "", init_seed=0, rule=1),
+        SlideSource("s", "abc", 0.499, "openslide.mpp-x"),
+    )
+    attrs = record.to_attrs()
+    assert attrs["tiles_code_version"] == attrs["code_version"] == 1  # the existing names
+    assert "rule" not in attrs and "weights_path" in attrs
+    assert set(attrs) - set(record.matched()) == {"weights_path", "feature_dim"}
+    path = tmp_path / "s.h5"
+    write_h5(path, {"features": np.zeros((1, 512), np.float32)}, {**attrs, "extra": 1})
+    assert Provenance.from_attrs(read_attrs(path)) == record
+    assert matches(path, record.matched())
+    cohort = Provenance.from_attrs(attrs, slide=False)
+    assert cohort.slide is None and "slide_id" not in cohort.to_attrs()
+    older = {**attrs, "code_version": "0.4.0+0123456789ab"}  # a source hash: no rule
+    assert Provenance.from_attrs(older).extractor.rule is None
+    with pytest.raises(ProvenanceError, match="no extractor, feature_dim"):
+        Provenance.from_attrs(
+            {k: v for k, v in attrs.items() if k not in ("extractor", "feature_dim")}
+        )

@@ -13,6 +13,7 @@ can leave the child stuck or dead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import threading
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsimil.extract.cache import bag_path, matches, write_h5
+from wsimil.extract.cache import ExtractorSettings, Provenance, bag_path, matches, write_h5
 from wsimil.extract.extractors import Extractor
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide, rgba_to_rgb
 from wsimil.extract.tiles import Selection
@@ -231,14 +232,16 @@ class FeatureResult:
     seconds: float
 
 
-def feature_provenance(sel: Selection, extractor: Extractor, input_px: int | None) -> dict:
+def feature_provenance(sel: Selection, extractor: Extractor, input_px: int | None) -> Provenance:
     """Everything the features depend on: the selection plus the network."""
-    return {
-        **sel.attrs,
+    settings = ExtractorSettings(
         **extractor.provenance(),
-        "input_px": int(input_px or 0),
-        "code_version": FEATURES_RULE,
-    }
+        input_px=int(input_px or 0),
+        feature_dim=extractor.dim,
+        weights_path=extractor.weights_path,
+        rule=FEATURES_RULE,
+    )
+    return dataclasses.replace(sel.provenance, extractor=settings)
 
 
 def features_for_slide(
@@ -261,9 +264,9 @@ def features_for_slide(
         mpp_override: params.yaml → tiles.mpp_override (to reopen the slide as selected).
     """
     start = time.perf_counter()
-    expected = feature_provenance(sel, extractor, cfg.input_px)
+    record = feature_provenance(sel, extractor, cfg.input_px)
     paths = {s: bag_path(features_root, ref.slide_id, s) for s in ("10x", "20x")}
-    if all(matches(p, {**expected, "scale": s}) for s, p in paths.items()):
+    if all(matches(p, {**record.matched(), "scale": s}) for s, p in paths.items()):
         return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
     with open_slide(ref, mpp_override=mpp_override) as slide:
         _check_same_slide(slide, sel)
@@ -294,10 +297,8 @@ def features_for_slide(
     finally:
         dataset.close()
     common = {
-        **expected,
+        **record.to_attrs(),
         "slide_path": str(ref.path),
-        "weights_path": extractor.weights_path,
-        "feature_dim": extractor.dim,
         "precision": extractor.precision,
         "n_tissue_tiles": sel.n_tissue,
         "n_grid_tiles_10x": sel.n_grid,

@@ -2,11 +2,12 @@
 
 A served model that accepts slide paths must select tiles and embed them exactly as the
 feature caches it was trained on were made. Those caches record everything needed in their
-HDF5 attributes (:mod:`wsimil.extract.cache`): the tile rule (``tile_px``, ``top_k``,
-``density_threshold``, ``min_density``, ``seed``) and the extractor (name, weights, their
-SHA-256, ``init_seed``, ``input_px``). :func:`recorded_extraction` reads them at
-registration; :func:`slide_bag` replays them with :func:`wsimil.extract.tiles.select_tiles` and
-:func:`wsimil.extract.features.embed`, the same functions the ``tiles`` and ``features`` stages run.
+:class:`wsimil.extract.cache.Provenance` attributes: the tile settings, the extractor and
+the rule versions. :func:`recorded_extraction` reads them at registration (as the record's
+attributes, which the served model carries as ``extraction.json``); :func:`slide_bag`
+replays them with :func:`wsimil.extract.tiles.select_tiles` and
+:func:`wsimil.extract.features.embed`, the same functions the ``tiles`` and ``features``
+stages run, and refuses a record made under other rule versions than this code applies.
 """
 
 from __future__ import annotations
@@ -17,11 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from wsimil.config import FeaturesConfig, TilesConfig
-from wsimil.extract.cache import read_attrs
-
-TILE_KEYS = ("tile_px", "top_k", "density_threshold", "min_density", "seed")
-EXTRACTOR_KEYS = ("extractor", "weights", "weights_sha256", "weights_path", "input_px")
-RECORDED_KEYS = (*TILE_KEYS, *EXTRACTOR_KEYS, "init_seed", "feature_dim")
+from wsimil.extract.cache import Provenance, ProvenanceError, read_attrs
 
 
 class ExtractionError(Exception):
@@ -52,15 +49,11 @@ def recorded_extraction(features_root: Path, scales: tuple[str, ...]) -> dict:
         )
     seen: dict[str, object] | None = None
     for path in files:
-        attrs = read_attrs(path) or {}
-        missing = [k for k in RECORDED_KEYS if k not in attrs and k != "init_seed"]
-        if missing:
-            raise ExtractionError(f"{path}: not a wsimil cache (no {', '.join(missing)})")
-        values = {k: attrs.get(k) for k in RECORDED_KEYS}
+        values = _record(read_attrs(path) or {}, f"{path}: not a wsimil cache").to_attrs()
         if seen is None:
             seen, first = values, path
         elif values != seen:
-            diff = sorted(k for k in RECORDED_KEYS if values[k] != seen[k])
+            diff = sorted(k for k in seen.keys() | values.keys() if values.get(k) != seen.get(k))
             raise ExtractionError(
                 f"{path} and {first} were made with different {', '.join(diff)}; "
                 "run `wsimil features` so that every cache comes from one extractor"
@@ -68,9 +61,39 @@ def recorded_extraction(features_root: Path, scales: tuple[str, ...]) -> dict:
     return dict(seen)
 
 
+def _record(extraction: dict, where: str) -> Provenance:
+    """The tile and extractor parts of the provenance record in ``extraction``."""
+    try:
+        return Provenance.from_attrs(extraction, slide=False)
+    except ProvenanceError as exc:
+        raise ExtractionError(f"{where} ({exc})") from None
+
+
 def tiles_config(extraction: dict) -> TilesConfig:
     """The ``tiles`` settings the caches were made with."""
-    return TilesConfig(**{k: extraction[k] for k in TILE_KEYS})
+    return TilesConfig(**_record(extraction, "recorded extraction").tiles.params())
+
+
+def check_rules(record: Provenance) -> None:
+    """Refuse a record made under other tile or feature rules than this code applies.
+
+    Raises:
+        ExtractionError: a recorded rule version differs (records without one pass).
+    """
+    from wsimil.extract.features import FEATURES_RULE
+    from wsimil.extract.tiles import TILES_RULE
+
+    for what, recorded, current in (
+        ("tile", record.tiles.rule, TILES_RULE),
+        ("feature", record.extractor.rule, FEATURES_RULE),
+    ):
+        if recorded is not None and recorded != current:
+            raise ExtractionError(
+                f"the feature caches were made under {what} rule {recorded} and this wsimil "
+                f"applies {what} rule {current}, so slides would not be embedded the way the "
+                "model was trained; serve it with the wsimil that made its caches, or "
+                "re-extract and train again"
+            )
 
 
 def build_recorded_extractor(extraction: dict, weights_file: Path | None, device: str):
@@ -87,7 +110,10 @@ def build_recorded_extractor(extraction: dict, weights_file: Path | None, device
     """
     from wsimil.extract.extractors import build_extractor
 
-    name, weights = str(extraction["extractor"]), str(extraction["weights"])
+    record = _record(extraction, "recorded extraction")
+    check_rules(record)
+    ex = record.extractor
+    name, weights = ex.extractor, ex.weights
     if weights != "random" and weights_file is None:
         raise ExtractionError(
             f"extractor {name} ({weights}) needs its weight file, which this model does not "
@@ -99,25 +125,20 @@ def build_recorded_extractor(extraction: dict, weights_file: Path | None, device
         cfg = {"extractor": str(weights_file), "weights": "pretrained"}
     else:
         cfg = {"extractor": name, "weights": str(weights_file)}
-    seed = extraction.get("init_seed")
     features = FeaturesConfig(
-        **cfg,
-        init_seed=int(seed) if seed not in (None, "none") else 0,
-        input_px=int(extraction["input_px"]) or None,
-        device=device,
+        **cfg, init_seed=ex.init_seed or 0, input_px=ex.input_px or None, device=device
     )
-    extractor = build_extractor(features, int(extraction["tile_px"]))
+    extractor = build_extractor(features, record.tiles.tile_px)
     # A carried state dict was re-saved as safetensors: its own hash was recorded then.
-    expected = str(extraction.get("weights_file_sha256") or extraction["weights_sha256"])
+    expected = str(extraction.get("weights_file_sha256") or ex.weights_sha256)
     if extractor.weights_sha256 != expected:
         raise ExtractionError(
             f"extractor {name}: weights hash {extractor.weights_sha256[:12]} differs from the "
             f"recorded {expected[:12]}; the model was trained on features of other weights"
         )
-    if extractor.dim != int(extraction["feature_dim"]):
+    if extractor.dim != ex.feature_dim:
         raise ExtractionError(
-            f"extractor {name} gives {extractor.dim}-D features, the caches hold "
-            f"{extraction['feature_dim']}-D"
+            f"extractor {name} gives {extractor.dim}-D features, the caches hold {ex.feature_dim}-D"
         )
     return extractor
 
@@ -154,7 +175,8 @@ def slide_bag(
     tiles = np.concatenate(
         [np.column_stack([np.full(k, i), placed[s][0]]) for i, s in enumerate(scales)]
     )  # (S·K, 3): scale index, x0, y0
-    dataset = TileDataset(ref.path, readers, tiles, int(extraction["input_px"]) or None)
+    input_px = _record(extraction, "recorded extraction").extractor.input_px or None
+    dataset = TileDataset(ref.path, readers, tiles, input_px)
     feats = embed(extractor, dataset, batch_size=batch_size, num_workers=0)
     return SlideInstances(
         x=tuple(feats[i * k : (i + 1) * k] for i in range(len(scales))),

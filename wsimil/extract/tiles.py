@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil.extract.cache import matches, read_h5, write_h5
+from wsimil.extract.cache import Provenance, SlideSource, TileSettings, matches, read_h5, write_h5
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ STRIP_PX = 4096  # widest region read in one call (pixels at the read level)
 # recomputed. Refactors and comment edits leave it, and the caches, alone.
 # tests/test_golden.py pins what this version selects.
 TILES_RULE = 1
-PROVENANCE_KEYS = (  # what the selected set depends on; a cache with other values is stale
-    "slide_id", "slide_quickhash", "mpp", "mpp_source", "tile_px", "top_k",
-    "density_threshold", "min_density", "seed", "tiles_code_version",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,12 @@ class Selection:
     parent_index: np.ndarray  # (K,) int64 row of the 10× parent
     n_grid: int  # whole 10× tiles on the slide
     n_tissue: int  # tiles with density above min_density
-    attrs: dict = field(default_factory=dict)  # provenance, see selection_provenance
+    attrs: dict = field(default_factory=dict)  # Provenance.to_attrs() of slide and tiles
+
+    @property
+    def provenance(self) -> Provenance:
+        """What the selection depends on: the slide and the tile settings."""
+        return Provenance.from_attrs(self.attrs, extractor=False)
 
     @property
     def fewer_than_top_k(self) -> bool:
@@ -70,19 +71,9 @@ class Selection:
 
 
 def selection_provenance(slide: Slide, cfg) -> dict:
-    """The values of :data:`PROVENANCE_KEYS` for ``slide`` under ``cfg`` (``TilesConfig``)."""
-    return {
-        "slide_id": slide.ref.slide_id,
-        "slide_quickhash": slide.quickhash,
-        "mpp": float(slide.mpp),
-        "mpp_source": slide.mpp_source,
-        "tile_px": int(cfg.tile_px),
-        "top_k": int(cfg.top_k),
-        "density_threshold": int(cfg.density_threshold),
-        "min_density": float(cfg.min_density),
-        "seed": int(cfg.seed),
-        "tiles_code_version": TILES_RULE,
-    }
+    """The provenance attributes of ``slide``'s selection under ``cfg`` (``TilesConfig``)."""
+    record = Provenance(TileSettings.of(cfg, TILES_RULE), slide=SlideSource.of(slide))
+    return record.to_attrs()
 
 
 # --- the rule -------------------------------------------------------------------------------
@@ -263,5 +254,5 @@ def read_selection(path: Path) -> Selection:
         parent_index=data["parent_index"],
         n_grid=int(attrs["n_grid_tiles"]),
         n_tissue=int(attrs["n_tissue_tiles"]),
-        attrs={k: attrs[k] for k in PROVENANCE_KEYS},
+        attrs=Provenance.from_attrs(attrs, extractor=False).to_attrs(),
     )
