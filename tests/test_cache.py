@@ -142,7 +142,7 @@ def test_caches_are_redone_when_a_rule_version_changes_and_only_then(
 ):
     """The code's part of a cache's provenance is the declared rule versions, not its source."""
     from wsimil.config import FeaturesConfig, TilesConfig
-    from wsimil.extract import features, tiles
+    from wsimil.extract import embed, features, tiles
     from wsimil.extract.extractors import build_extractor
     from wsimil.extract.slide import SlideRef
 
@@ -161,8 +161,8 @@ def test_caches_are_redone_when_a_rule_version_changes_and_only_then(
     assert run() == (True, True)
     attrs = read_bag(bag_path(root, "s0", "20x")).attrs
     assert attrs["tiles_code_version"] == tiles.TILES_RULE
-    assert attrs["code_version"] == features.FEATURES_RULE
-    monkeypatch.setattr(features, "FEATURES_RULE", features.FEATURES_RULE + 1)
+    assert attrs["code_version"] == embed.FEATURES_RULE
+    monkeypatch.setattr(embed, "FEATURES_RULE", embed.FEATURES_RULE + 1)
     assert run() == (True, False)  # same tiles, embedded again
     assert run() == (True, True)
     monkeypatch.setattr(tiles, "TILES_RULE", tiles.TILES_RULE + 1)

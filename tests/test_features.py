@@ -13,8 +13,9 @@ from torch import nn
 from wsimil.config import FeaturesConfig, TilesConfig
 from wsimil.extract import extractors
 from wsimil.extract.cache import read_bag, read_pair
+from wsimil.extract.embed import TileDataset, embed
 from wsimil.extract.extractors import EXTRACTORS, ExtractorError, build_extractor
-from wsimil.extract.features import TileDataset, embed, features_for_slide
+from wsimil.extract.features import features_for_slide
 from wsimil.extract.slide import SlideRef, open_slide
 from wsimil.extract.tiles import tiles_for_slide
 
@@ -172,7 +173,7 @@ def test_the_dataloader_pipeline_equals_the_model_on_each_tile(tiny_cohort):
 def test_reader_processes_serve_slide_after_slide_and_are_replaced_after_a_failure(
     tiny_cohort, tmp_path
 ):
-    from wsimil.extract import features
+    from wsimil.extract import embed as embedding
 
     out, table = tiny_cohort
     ex = build_extractor(fcfg(), tile_px=64)
@@ -182,17 +183,17 @@ def test_reader_processes_serve_slide_after_slide_and_are_replaced_after_a_failu
             scales = [slide.scale("10x", 64), slide.scale("20x", 64)]
         tiles = np.array([[0, 0, 0], [1, 256, 128], [0, 384, 256], [1, 512, 384], [0, 640, 512]])
         datasets.append(TileDataset(out / rel, scales, tiles, None))
-    loader = features._thread_loader(2, False)
+    loader = embedding._thread_loader(2, False)
     for ds in datasets:
         got = embed(ex, ds, batch_size=2, num_workers=2)
         np.testing.assert_allclose(got, embed(ex, ds, batch_size=5, num_workers=0), atol=1e-5)
-        assert features._thread_loader(2, False) is loader  # same reader processes
+        assert embedding._thread_loader(2, False) is loader  # same reader processes
     assert len({tuple(embed(ex, ds, batch_size=2, num_workers=2)[0]) for ds in datasets}) == 3
 
     broken = TileDataset(tmp_path / "gone.tiff", scales, tiles, None)
     with pytest.raises(Exception, match="Unsupported or missing image file"):
         embed(ex, broken, batch_size=2, num_workers=2)
-    assert features._thread_loader(2, False) is not loader  # replaced
+    assert embedding._thread_loader(2, False) is not loader  # replaced
     np.testing.assert_allclose(
         embed(ex, datasets[0], batch_size=2, num_workers=2),
         embed(ex, datasets[0], batch_size=5, num_workers=0),
@@ -228,6 +229,29 @@ def test_features_for_slide_writes_the_contract_and_skips_when_up_to_date(tiny_c
     changed = features_for_slide(ref, sel, reseeded, fcfg(init_seed=1), root)
     assert not changed.skipped
     assert not np.allclose(read_bag(root / "10x" / "s0.h5").features, b10.features)
+
+
+def test_the_pipeline_and_a_served_slide_embed_a_slide_alike(tiny_cohort, tmp_path):
+    """features_for_slide and replay.slide_bag share one embed path: equal features."""
+    from wsimil.extract.replay import recorded_extraction, slide_bag
+
+    out, table = tiny_cohort
+    ref = SlideRef("s1", out / table.path[1])
+    sel, _ = tiles_for_slide(ref, TilesConfig(tile_px=64, top_k=6), tmp_path / "tiles")
+    ex = build_extractor(fcfg(batch_size=4), tile_px=64)
+    root = tmp_path / "features"
+    features_for_slide(ref, sel, ex, fcfg(batch_size=4), root)
+    cached = read_pair(root, "s1")
+    served = slide_bag(
+        ref.path, "s1", recorded_extraction(root, ("10x", "20x")), ex, ("10x", "20x"), batch_size=4
+    )
+    for i, bag in enumerate(cached):
+        np.testing.assert_array_equal(served.x[i], bag.features)
+        np.testing.assert_array_equal(served.coords[i], bag.coords)
+        np.testing.assert_array_equal(served.grid[i], bag.grid)
+    only_20x = slide_bag(ref.path, "s1", recorded_extraction(root, ("20x",)), ex, ("20x",),
+                         batch_size=4)  # fmt: skip
+    np.testing.assert_allclose(only_20x.x[0], cached[1].features, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Golden outputs of the extraction rules: changed output must come with a bumped rule.
 
 Caches are reused while their recorded rule versions match the code's
-(``tiles.TILES_RULE``, ``features.FEATURES_RULE``), not while the source is unchanged. So
+(``tiles.TILES_RULE``, ``embed.FEATURES_RULE``), not while the source is unchanged. So
 a change that alters which tiles a slide keeps, or the features they give, must bump the
 rule, or caches made before and after it are mixed under one provenance. These tests pin
 both outputs for one real and one synthetic slide through the pipeline functions, keyed
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from wsimil.config import FeaturesConfig, SynthConfig, TilesConfig
-from wsimil.extract import features, tiles
+from wsimil.extract import embed, tiles
 from wsimil.extract.cache import read_pair
 from wsimil.extract.extractors import build_extractor
 from wsimil.extract.features import features_for_slide
@@ -132,10 +132,10 @@ def test_the_tile_rule_selects_its_golden_tiles(caches, slide):
 
 @pytest.mark.parametrize("slide", ["cmu", "synth"])
 def test_the_feature_rule_embeds_its_golden_features(caches, slide):
-    expected = FEATURES[features.FEATURES_RULE][slide]
+    expected = FEATURES[embed.FEATURES_RULE][slide]
     b10, b20 = caches[slide]
     got = {"10x": _sha256(b10.features), "20x": _sha256(b20.features)}
     assert b10.features.shape == b20.features.shape == (8, 512)
     assert got == expected, (
-        f"feature rule {features.FEATURES_RULE} changed its output; bump FEATURES_RULE"
+        f"feature rule {embed.FEATURES_RULE} changed its output; bump FEATURES_RULE"
     )

@@ -16,7 +16,7 @@ Layout, compatible with CLAM and TRIDENT readers::
 A cache is reused while its :class:`Provenance` matches what it would be made from now.
 The code's part of that is a declared rule version per stage, not a hash of the source:
 ``tiles_code_version`` is :data:`wsimil.extract.tiles.TILES_RULE` (which tiles a slide
-keeps) and ``code_version`` is :data:`wsimil.extract.features.FEATURES_RULE` (how kept
+keeps) and ``code_version`` is :data:`wsimil.extract.embed.FEATURES_RULE` (how kept
 tiles become features). Editing the code leaves every cache valid; a change that alters
 the output must bump its rule by hand, and ``tests/test_golden.py`` fails until it does.
 
@@ -167,7 +167,7 @@ class ExtractorSettings:
     feature_dim: int = field(compare=False)  # follows from the network
     weights_path: str = field(default="", compare=False)  # this machine's copy
     init_seed: int | None = None  # random weights only
-    rule: int | None = None  # features.FEATURES_RULE; None: recorded before rule versions
+    rule: int | None = None  # embed.FEATURES_RULE; None: recorded before rule versions
 
 
 RULE_ATTRS = {TileSettings: "tiles_code_version", ExtractorSettings: "code_version"}

@@ -6,8 +6,8 @@ feature caches it was trained on were made. Those caches record everything neede
 the rule versions. :func:`recorded_extraction` reads them at registration (as the record's
 attributes, which the served model carries as ``extraction.json``); :func:`slide_bag`
 replays them with :func:`wsimil.extract.tiles.select_tiles` and
-:func:`wsimil.extract.features.embed`, the same functions the ``tiles`` and ``features``
-stages run, and refuses a record made under other rule versions than this code applies.
+:func:`wsimil.extract.embed.embed_selection`, the same functions the ``tiles`` and
+``features`` stages run, and refuses a record made under other rule versions than this code applies.
 """
 
 from __future__ import annotations
@@ -69,18 +69,13 @@ def _record(extraction: dict, where: str) -> Provenance:
         raise ExtractionError(f"{where} ({exc})") from None
 
 
-def tiles_config(extraction: dict) -> TilesConfig:
-    """The ``tiles`` settings the caches were made with."""
-    return TilesConfig(**_record(extraction, "recorded extraction").tiles.params())
-
-
 def check_rules(record: Provenance) -> None:
     """Refuse a record made under other tile or feature rules than this code applies.
 
     Raises:
         ExtractionError: a recorded rule version differs (records without one pass).
     """
-    from wsimil.extract.features import FEATURES_RULE
+    from wsimil.extract.embed import FEATURES_RULE
     from wsimil.extract.tiles import TILES_RULE
 
     for what, recorded, current in (
@@ -161,25 +156,24 @@ def slide_bag(
         wsimil.extract.slide.SlideError: the slide cannot be opened, has no magnification, or has
             no tissue.
     """
-    from wsimil.extract.features import TileDataset, embed
+    from wsimil.extract.embed import embed_selection
     from wsimil.extract.slide import SlideRef, open_slide
     from wsimil.extract.tiles import select_tiles
 
-    ref = SlideRef(slide_id, Path(path))
-    cfg = tiles_config(extraction)
-    with open_slide(ref) as slide:
-        sel = select_tiles(slide, cfg)
-        readers = [slide.scale(s, cfg.tile_px) for s in scales]
-    placed = {"10x": (sel.coords_10x, sel.grid_10x), "20x": (sel.coords_20x, sel.grid_20x)}
-    k = len(sel.density)
-    tiles = np.concatenate(
-        [np.column_stack([np.full(k, i), placed[s][0]]) for i, s in enumerate(scales)]
-    )  # (S·K, 3): scale index, x0, y0
-    input_px = _record(extraction, "recorded extraction").extractor.input_px or None
-    dataset = TileDataset(ref.path, readers, tiles, input_px)
-    feats = embed(extractor, dataset, batch_size=batch_size, num_workers=0)
+    record = _record(extraction, "recorded extraction")
+    with open_slide(SlideRef(slide_id, Path(path))) as slide:
+        sel = select_tiles(slide, TilesConfig(**record.tiles.params()))
+        embedded = embed_selection(
+            slide,
+            sel,
+            extractor,
+            scales,
+            input_px=record.extractor.input_px or None,
+            batch_size=batch_size,
+            num_workers=0,
+        )
     return SlideInstances(
-        x=tuple(feats[i * k : (i + 1) * k] for i in range(len(scales))),
-        coords=tuple(placed[s][0] for s in scales),
-        grid=tuple(placed[s][1] for s in scales),
+        x=embedded.features,
+        coords=tuple(sel.coords(s) for s in scales),
+        grid=tuple(sel.grid(s) for s in scales),
     )

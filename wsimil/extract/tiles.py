@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil.extract.cache import Provenance, SlideSource, TileSettings, matches, read_h5, write_h5
+from wsimil.extract.cache import (
+    SCALE_NAMES,
+    Provenance,
+    SlideSource,
+    TileSettings,
+    matches,
+    read_h5,
+    write_h5,
+)
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,33 @@ class Selection:
     @property
     def fewer_than_top_k(self) -> bool:
         return len(self.density) < int(self.attrs["top_k"])
+
+    def coords(self, scale: str) -> np.ndarray:
+        """(K, 2) level-0 (x, y) top-left of the tiles at ``scale`` ("10x" or "20x")."""
+        return {"10x": self.coords_10x, "20x": self.coords_20x}[scale]
+
+    def grid(self, scale: str) -> np.ndarray:
+        """(K, 2) (col, row) of the tiles in the tile grid of ``scale``."""
+        return {"10x": self.grid_10x, "20x": self.grid_20x}[scale]
+
+    def scales(self, slide: Slide, names: tuple[str, ...] = SCALE_NAMES) -> tuple[Scale, ...]:
+        """How the tiles are read from ``slide`` at each scale of ``names``.
+
+        Raises:
+            SlideError: ``slide`` is not the one the tiles were selected on (content or
+                mpp differ).
+        """
+        if slide.quickhash != self.attrs["slide_quickhash"] or slide.mpp != self.attrs["mpp"]:
+            raise slide.ref.error(
+                "differs from the one its tiles were selected on (content or mpp changed); "
+                "run `wsimil tiles` again"
+            )
+        return tile_scales(slide, int(self.attrs["tile_px"]), names)
+
+
+def tile_scales(slide: Slide, tile_px: int, names: tuple[str, ...]) -> tuple[Scale, ...]:
+    """How ``tile_px`` tiles of each scale in ``names`` are read from ``slide``."""
+    return tuple(slide.scale(name, tile_px) for name in names)
 
 
 def selection_provenance(slide: Slide, cfg) -> dict:
@@ -151,7 +186,7 @@ def select_tiles(slide: Slide, cfg) -> Selection:
         SlideError: the slide is smaller than one 10× tile or has no tissue tile.
     """
     ref = slide.ref
-    s10, s20 = slide.scale("10x", cfg.tile_px), slide.scale("20x", cfg.tile_px)
+    s10, s20 = tile_scales(slide, cfg.tile_px, ("10x", "20x"))
     rows, cols = s10.grid_shape(slide.dimensions)
     if rows * cols == 0:
         raise ref.error(
@@ -220,7 +255,7 @@ def tiles_path(tiles_dir: Path, slide_id: str) -> Path:
 
 def write_selection(path: Path, sel: Selection, slide: Slide) -> None:
     """Write a selection atomically, with its provenance and the read geometry."""
-    s10, s20 = (slide.scale(name, int(sel.attrs["tile_px"])) for name in ("10x", "20x"))
+    s10, s20 = sel.scales(slide, ("10x", "20x"))
     attrs = {
         **sel.attrs,
         "slide_path": str(slide.ref.path),
