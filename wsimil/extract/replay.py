@@ -12,26 +12,15 @@ replays them with :func:`wsimil.extract.tiles.select_tiles` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from wsimil.config import FeaturesConfig, TilesConfig
 from wsimil.extract.cache import Provenance, ProvenanceError, read_attrs
+from wsimil.extract.instances import SlideBag
 
 
 class ExtractionError(Exception):
     """Recorded extraction settings that are missing or inconsistent; names the files."""
-
-
-@dataclass(frozen=True)
-class SlideInstances:
-    """A slide's instances at the scales a model reads (one entry per scale)."""
-
-    x: tuple[np.ndarray, ...]  # (K, D) float32
-    coords: tuple[np.ndarray, ...]  # (K, 2) int64 level-0 (x, y)
-    grid: tuple[np.ndarray, ...]  # (K, 2) int64 (col, row)
 
 
 def recorded_extraction(features_root: Path, scales: tuple[str, ...]) -> dict:
@@ -146,7 +135,7 @@ def slide_bag(
     scales: tuple[str, ...],
     *,
     batch_size: int,
-) -> SlideInstances:
+) -> SlideBag:
     """Select a slide's tiles and embed them at ``scales`` with the recorded settings.
 
     ``slide_id`` seeds the draw of each 10x tile's 20x child, as the slide_id column of
@@ -172,8 +161,11 @@ def slide_bag(
             batch_size=batch_size,
             num_workers=0,
         )
-    return SlideInstances(
-        x=embedded.features,
-        coords=tuple(sel.coords(s) for s in scales),
-        grid=tuple(sel.grid(s) for s in scales),
+    return SlideBag.from_arrays(
+        slide_id,
+        None,
+        embedded.features,
+        [sel.grid(s) for s in scales],
+        [sel.coords(s) for s in scales],
+        [scale.tile_size_level0 for scale in embedded.scales],
     )

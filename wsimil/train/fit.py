@@ -20,21 +20,10 @@ import torch
 from torch import Tensor
 
 from wsimil.config import TrainConfig
+from wsimil.extract.instances import SlideBag
 from wsimil.models import Bags, MILModel, collate
 from wsimil.seeding import FitSeeds, torch_rng, use_deterministic_algorithms
 from wsimil.train.metrics import slide_metrics
-
-
-@dataclass(frozen=True)
-class SlideBag:
-    """One slide's instances, ready for a model (one entry per scale the model reads)."""
-
-    slide_id: str
-    label: int
-    x: tuple[Tensor, ...]  # one (N_s, D_s) float32 per scale
-    grid: tuple[Tensor, ...] | None = None  # one (N_s, 2) long (col, row) per scale
-    coords: tuple[np.ndarray, ...] | None = None  # one (N_s, 2) level-0 (x, y) per scale
-    tile_level0: tuple[float, ...] | None = None  # tile side at level-0 pixels, per scale
 
 
 @dataclass
