@@ -132,6 +132,7 @@ def test_read_pair_checks_the_parent_index(tmp_path):
 def test_feature_folders_are_named_after_the_extractor(tmp_path):
     assert extractor_tag("resnet101") == "resnet101"
     assert extractor_tag("models/uni.pt") == "uni"
+    assert extractor_tag("models/uni.jit") == "uni"  # every TorchScript suffix
     assert extractor_tag("hf-hub:MahmoodLab/UNI") == "hf-hub_MahmoodLab_UNI"
     assert features_dir(tmp_path, "resnet18") == tmp_path / "resnet18"
     assert bag_path(tmp_path, "s1", "20x") == tmp_path / "20x" / "s1.h5"

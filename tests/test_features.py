@@ -81,27 +81,27 @@ def test_pretrained_never_downloads_and_says_how_to_provide_weights(offline):
     assert "https://download.pytorch.org/models/resnet101-63fe2227.pth" in msg
 
 
-def test_pretrained_weights_come_from_the_local_cache(offline):
-    url_name = timm.models.get_pretrained_cfg("resnet18.a1_in1k").url.rsplit("/", 1)[1]
-    torch.manual_seed(5)
-    reference = timm.create_model("resnet18", num_classes=0).eval()
-    local = offline / "torch" / "checkpoints" / url_name
-    local.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), local)
-    ex = build_extractor(fcfg(weights="pretrained"), tile_px=32)
-    assert ex.weights == "timm:resnet18" and ex.weights_sha256 == _sha(local)
-    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    with torch.inference_mode():
-        expected = reference((x / 255.0 - ex.mean) / ex.std)
-    torch.testing.assert_close(ex(x), expected)
+class Tiny(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)  # (B, 6)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_a_state_dict_file_loads_into_the_named_architecture(tmp_path, suffix):
-    torch.manual_seed(1)
+def _weights_file(kind: str, tmp_path):
+    """(config, reference network, tile px, the file) for an extractor made from a file."""
+    if kind == "torchscript":
+        path = tmp_path / "tiny.pt"
+        torch.jit.script(Tiny()).save(str(path))
+        return fcfg(extractor=str(path), weights="pretrained"), Tiny(), 16, path
+    torch.manual_seed(5 if kind == "timm cache" else 1)
     reference = timm.create_model("resnet18", num_classes=0).eval()
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".safetensors":
+    if kind == "timm cache":  # timm's own weights, found in the (offline) torch-hub cache
+        url_name = timm.models.get_pretrained_cfg("resnet18.a1_in1k").url.rsplit("/", 1)[1]
+        path = tmp_path / "torch" / "checkpoints" / url_name
+        path.parent.mkdir(parents=True)
+        torch.save(reference.state_dict(), path)
+        return fcfg(weights="pretrained"), reference, 32, path
+    path = tmp_path / f"weights{kind}"
+    if kind == ".safetensors":
         from safetensors.torch import save_file
 
         save_file(reference.state_dict(), str(path))
@@ -109,38 +109,48 @@ def test_a_state_dict_file_loads_into_the_named_architecture(tmp_path, suffix):
         torch.save(
             {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path
         )
-    ex = build_extractor(fcfg(weights=str(path)), tile_px=32)
-    assert (ex.weights, ex.weights_sha256) == (path.name, _sha(path))
-    x = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    return fcfg(weights=str(path)), reference, 32, path
+
+
+@pytest.mark.parametrize(
+    ("kind", "n"),
+    [
+        ("timm cache", 2),
+        (".pth", 3),
+        (".safetensors", 3),
+        pytest.param(  # torch 2.15 deprecates TorchScript
+            "torchscript", 2, marks=pytest.mark.filterwarnings("ignore::FutureWarning")
+        ),
+    ],
+)
+def test_a_weights_file_gives_its_networks_features_and_is_recorded(offline, kind, n):
+    """One test for every extractor made from a file: the network it holds, its hash."""
+    cfg, reference, px, path = _weights_file(kind, offline)
+    ex = build_extractor(cfg, tile_px=px)
+    if kind == "timm cache":
+        assert ex.weights == "timm:resnet18" and ex.weights_sha256 == _sha(path)
+    elif kind == "torchscript":
+        assert (ex.name, ex.dim, ex.weights_sha256) == ("tiny.pt", 6, _sha(path))
+    else:
+        assert (ex.weights, ex.weights_sha256) == (path.name, _sha(path))
+    x = torch.randint(0, 255, (n, 3, px, px), dtype=torch.uint8)
     with torch.inference_mode():
         expected = reference((x / 255.0 - ex.mean) / ex.std)
     torch.testing.assert_close(ex(x), expected)
 
 
-def test_a_state_dict_of_another_network_is_refused(tmp_path):
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.15 deprecates TorchScript
+def test_files_that_do_not_fit_are_refused(tmp_path):
     path = tmp_path / "r50.pth"
     torch.save(timm.create_model("resnet50").state_dict(), path)
     with pytest.raises(ExtractorError, match=r"r50.pth does not fit extractor resnet18"):
         build_extractor(fcfg(weights=str(path)), tile_px=32)
     with pytest.raises(ExtractorError, match="does not exist"):
         build_extractor(fcfg(weights=str(tmp_path / "nope.pth")), tile_px=32)
-
-
-class Tiny(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)  # (B, 6)
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.15 deprecates TorchScript
-def test_a_torchscript_file_is_an_extractor(tmp_path):
-    path = tmp_path / "tiny.pt"
-    torch.jit.script(Tiny()).save(str(path))
-    ex = build_extractor(fcfg(extractor=str(path), weights="pretrained"), tile_px=16)
-    assert (ex.name, ex.dim, ex.weights_sha256) == ("tiny.pt", 6, _sha(path))
-    x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
-    torch.testing.assert_close(ex(x), Tiny()((x / 255.0 - ex.mean) / ex.std))
+    script = tmp_path / "tiny.pt"
+    torch.jit.script(Tiny()).save(str(script))
     with pytest.raises(ExtractorError, match="carries its own weights"):
-        build_extractor(fcfg(extractor=str(path), weights="random"), tile_px=16)
+        build_extractor(fcfg(extractor=str(script), weights="random"), tile_px=16)
     sd = tmp_path / "sd.pt"
     torch.save({"w": torch.ones(1)}, sd)
     with pytest.raises(ExtractorError, match="not a TorchScript model"):

@@ -36,6 +36,9 @@ import h5py
 import numpy as np
 
 SCALE_NAMES = ("10x", "20x")
+# An extractor named by a file with one of these suffixes is a TorchScript file; its cache
+# folder is named after the file's stem.
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
 
 
 # --- writing and comparing ------------------------------------------------------------------
@@ -252,7 +255,7 @@ def _parse(part_type: type, attrs: dict, missing: list[str]):
 
 def extractor_tag(extractor: str) -> str:
     """A folder name for an extractor: its name, or a file's stem, made path-safe."""
-    tag = Path(extractor).stem if Path(extractor).suffix in {".pt", ".pth", ".ts"} else extractor
+    tag = Path(extractor).stem if Path(extractor).suffix in TORCHSCRIPT_SUFFIXES else extractor
     return re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
 
 

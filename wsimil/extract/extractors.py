@@ -6,7 +6,8 @@
   global average pool, 2048-D) or ``resnet50_trunc`` (CLAM / DTFD-MIL: ImageNet ResNet-50 up
   to layer3, global average pool, 1024-D);
 - any other timm model name (``resnet18``, ``convnext_tiny.fb_in1k``, ...), pooled to a vector;
-- a TorchScript file (``.pt``/``.ts``) mapping normalised (B, 3, H, W) images to (B, D);
+- a TorchScript file (``.pt``/``.pth``/``.ts``/``.jit``) mapping normalised (B, 3, H, W)
+  images to (B, D);
 - a hub name (``hf-hub:org/repo``), only with ``features.allow_network: true``.
 
 ``features.weights`` says where a timm architecture's weights come from: ``pretrained``
@@ -30,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wsimil.device import DeviceError, resolve_device
+from wsimil.extract.cache import TORCHSCRIPT_SUFFIXES
 from wsimil.seeding import use_deterministic_algorithms
 
 log = logging.getLogger(__name__)
@@ -97,7 +100,7 @@ class Extractor:
         init_seed: int | None = None,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         probe_px: int = 224,
     ):
         self.name = name
@@ -155,15 +158,6 @@ class Extractor:
 # --- building ---------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExtractorError("features.device is cuda but no GPU is visible; use auto or cpu")
-    return device
-
-
 def build_extractor(cfg, tile_px: int) -> Extractor:
     """Build the extractor ``cfg`` (``FeaturesConfig``) names, without touching the network
     unless ``cfg.allow_network``.
@@ -176,7 +170,11 @@ def build_extractor(cfg, tile_px: int) -> Extractor:
         ExtractorError: unknown name, missing or unfitting weights, hub without network.
     """
     name, weights = cfg.extractor, cfg.weights
-    common = {"device": resolve_device(cfg.device), "probe_px": cfg.input_px or tile_px}
+    try:
+        device = resolve_device(cfg.device, "features.device")
+    except DeviceError as exc:
+        raise ExtractorError(str(exc)) from None
+    common = {"device": device, "probe_px": cfg.input_px or tile_px}
     hub = name.startswith("hf-hub:")
     if not hub and _looks_like_file(name):
         return _torchscript(Path(name), weights, common)
@@ -207,7 +205,7 @@ def build_extractor(cfg, tile_px: int) -> Extractor:
 
 
 def _looks_like_file(name: str) -> bool:
-    return Path(name).suffix in {".pt", ".pth", ".ts", ".jit"} or os.sep in name
+    return Path(name).suffix in TORCHSCRIPT_SUFFIXES or os.sep in name
 
 
 def _timm(arch: str, kwargs: dict, **extra) -> nn.Module:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsimil.config import FeaturesConfig, TilesConfig
-from wsimil.extract.cache import Provenance, ProvenanceError, read_attrs
+from wsimil.extract.cache import TORCHSCRIPT_SUFFIXES, Provenance, ProvenanceError, read_attrs
 from wsimil.extract.instances import SlideBag
 
 
@@ -105,7 +105,7 @@ def build_recorded_extractor(extraction: dict, weights_file: Path | None, device
         )
     if weights == "random":
         cfg = {"extractor": name, "weights": "random"}
-    elif Path(name).suffix in {".pt", ".pth", ".ts", ".jit"}:  # TorchScript carries weights
+    elif Path(name).suffix in TORCHSCRIPT_SUFFIXES:  # TorchScript carries its weights
         cfg = {"extractor": str(weights_file), "weights": "pretrained"}
     else:
         cfg = {"extractor": name, "weights": str(weights_file)}
