@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from wsimil.config import FeaturesConfig, TilesConfig
-from wsimil.extract import extractors
+from wsimil.extract import extractor_files
 from wsimil.extract.cache import read_bag, read_pair
 from wsimil.extract.embed import TileDataset, embed
 from wsimil.extract.extractors import EXTRACTORS, ExtractorError, build_extractor
@@ -284,7 +284,7 @@ def _sha(path) -> str:
 def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "w.bin"
     path.write_bytes(b"x" * 3_000_000)
-    assert extractors.sha256_file(path) == _sha(path)
+    assert extractor_files.sha256_file(path) == _sha(path)
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsimil.extract.cache import SCALE_NAMES, ExtractorSettings
-from wsimil.extract.extractors import Extractor
+from wsimil.extract.network import Extractor
 from wsimil.extract.slide import Scale, Slide, rgba_to_rgb
 from wsimil.extract.tiles import Selection
 

@@ -18,7 +18,7 @@ import torch
 
 from wsimil.extract.cache import SCALE_NAMES, Provenance, bag_path, matches, write_h5
 from wsimil.extract.embed import embed_selection, extractor_settings
-from wsimil.extract.extractors import Extractor
+from wsimil.extract.network import Extractor
 from wsimil.extract.slide import Scale, SlideRef, open_slide
 from wsimil.extract.tiles import Selection
 
