@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsimil.config import FeaturesConfig, TilesConfig
+from wsimil.extract.embed import TileLoader, embed, selection_dataset
 from wsimil.extract.extractors import build_extractor
-from wsimil.extract.features import TileDataset, TileLoader, embed
 from wsimil.extract.slide import SlideRef, open_slide, read_slide_table
 from wsimil.extract.tiles import count_nonwhite, rank_tiles, select_tiles
 
@@ -71,15 +71,7 @@ def datasets_for(refs, tiles_cfg, input_px):
             t2 = time.perf_counter()
             cols = slide.scale("10x", tiles_cfg.tile_px).grid_shape(slide.dimensions)[1]
             fast = sel.grid_10x[:, 1] * cols + sel.grid_10x[:, 0]
-            scales = [slide.scale(s, tiles_cfg.tile_px) for s in ("10x", "20x")]
-        k = len(sel.density)
-        tiles = np.concatenate(
-            [
-                np.column_stack([np.zeros(k, np.int64), sel.coords_10x]),
-                np.column_stack([np.ones(k, np.int64), sel.coords_20x]),
-            ]
-        )
-        ds = TileDataset(ref.path, scales, tiles, input_px)
+            ds = selection_dataset(slide, sel, ("10x", "20x"), input_px)
         out.append((ds, t1 - t0, t2 - t1, np.array_equal(np.sort(fast), naive)))
     return out
 

@@ -7,13 +7,18 @@ import h5py
 import numpy as np
 import pytest
 
-from wsimil.extract import cache
 from wsimil.extract.cache import (
     BagError,
+    ExtractorSettings,
+    Provenance,
+    ProvenanceError,
+    SlideSource,
+    TileSettings,
     bag_path,
     extractor_tag,
     features_dir,
     matches,
+    read_attrs,
     read_bag,
     read_pair,
     write_h5,
@@ -127,12 +132,63 @@ def test_read_pair_checks_the_parent_index(tmp_path):
 def test_feature_folders_are_named_after_the_extractor(tmp_path):
     assert extractor_tag("resnet101") == "resnet101"
     assert extractor_tag("models/uni.pt") == "uni"
+    assert extractor_tag("models/uni.jit") == "uni"  # every TorchScript suffix
     assert extractor_tag("hf-hub:MahmoodLab/UNI") == "hf-hub_MahmoodLab_UNI"
     assert features_dir(tmp_path, "resnet18") == tmp_path / "resnet18"
     assert bag_path(tmp_path, "s1", "20x") == tmp_path / "20x" / "s1.h5"
 
 
-def test_source_version_follows_the_code():
-    v = cache.source_version("wsimil.extract.tiles")
-    assert v.startswith("0.") and "+" in v
-    assert v != cache.source_version("wsimil.extract.tiles", "wsimil.extract.slide")
+def test_caches_are_redone_when_a_rule_version_changes_and_only_then(
+    tiny_cohort, tmp_path, monkeypatch
+):
+    """The code's part of a cache's provenance is the declared rule versions, not its source."""
+    from wsimil.config import FeaturesConfig, TilesConfig
+    from wsimil.extract import embed, features, tiles
+    from wsimil.extract.extractors import build_extractor
+    from wsimil.extract.slide import SlideRef
+
+    out, table = tiny_cohort
+    ref = SlideRef("s0", out / table.path[0])
+    tcfg = TilesConfig(tile_px=64, top_k=4)
+    fcfg = FeaturesConfig(extractor="resnet18", weights="random", num_workers=0)
+    ex = build_extractor(fcfg, tile_px=64)
+    tiles_dir, root = tmp_path / "tiles", tmp_path / "features"
+
+    def run() -> tuple[bool, bool]:  # (tiles reused, features reused)
+        sel, cached = tiles.tiles_for_slide(ref, tcfg, tiles_dir)
+        return cached, features.features_for_slide(ref, sel, ex, fcfg, root).skipped
+
+    assert run() == (False, False)
+    assert run() == (True, True)
+    attrs = read_bag(bag_path(root, "s0", "20x")).attrs
+    assert attrs["tiles_code_version"] == tiles.TILES_RULE
+    assert attrs["code_version"] == embed.FEATURES_RULE
+    monkeypatch.setattr(embed, "FEATURES_RULE", embed.FEATURES_RULE + 1)
+    assert run() == (True, False)  # same tiles, embedded again
+    assert run() == (True, True)
+    monkeypatch.setattr(tiles, "TILES_RULE", tiles.TILES_RULE + 1)
+    assert run() == (False, False)  # selected again, so embedded again
+
+
+def test_the_provenance_record_round_trips_through_the_attributes_caches_carry(tmp_path):
+    record = Provenance(
+        TileSettings(64, 8, 200, 0.0, 0, rule=1),
+        ExtractorSettings("resnet18", "random", "", 0, 512, "", init_seed=0, rule=1),
+        SlideSource("s", "abc", 0.499, "openslide.mpp-x"),
+    )
+    attrs = record.to_attrs()
+    assert attrs["tiles_code_version"] == attrs["code_version"] == 1  # the existing names
+    assert "rule" not in attrs and "weights_path" in attrs
+    assert set(attrs) - set(record.matched()) == {"weights_path", "feature_dim"}
+    path = tmp_path / "s.h5"
+    write_h5(path, {"features": np.zeros((1, 512), np.float32)}, {**attrs, "extra": 1})
+    assert Provenance.from_attrs(read_attrs(path)) == record
+    assert matches(path, record.matched())
+    cohort = Provenance.from_attrs(attrs, slide=False)
+    assert cohort.slide is None and "slide_id" not in cohort.to_attrs()
+    older = {**attrs, "code_version": "0.4.0+0123456789ab"}  # a source hash: no rule
+    assert Provenance.from_attrs(older).extractor.rule is None
+    with pytest.raises(ProvenanceError, match="no extractor, feature_dim"):
+        Provenance.from_attrs(
+            {k: v for k, v in attrs.items() if k not in ("extractor", "feature_dim")}
+        )

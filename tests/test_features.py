@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from wsimil.config import FeaturesConfig, TilesConfig
-from wsimil.extract import extractors
+from wsimil.extract import extractor_files
 from wsimil.extract.cache import read_bag, read_pair
+from wsimil.extract.embed import TileDataset, embed
 from wsimil.extract.extractors import EXTRACTORS, ExtractorError, build_extractor
-from wsimil.extract.features import TileDataset, embed, features_for_slide
+from wsimil.extract.features import features_for_slide
 from wsimil.extract.slide import SlideRef, open_slide
 from wsimil.extract.tiles import tiles_for_slide
 
@@ -80,27 +81,27 @@ def test_pretrained_never_downloads_and_says_how_to_provide_weights(offline):
     assert "https://download.pytorch.org/models/resnet101-63fe2227.pth" in msg
 
 
-def test_pretrained_weights_come_from_the_local_cache(offline):
-    url_name = timm.models.get_pretrained_cfg("resnet18.a1_in1k").url.rsplit("/", 1)[1]
-    torch.manual_seed(5)
-    reference = timm.create_model("resnet18", num_classes=0).eval()
-    local = offline / "torch" / "checkpoints" / url_name
-    local.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), local)
-    ex = build_extractor(fcfg(weights="pretrained"), tile_px=32)
-    assert ex.weights == "timm:resnet18" and ex.weights_sha256 == _sha(local)
-    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    with torch.inference_mode():
-        expected = reference((x / 255.0 - ex.mean) / ex.std)
-    torch.testing.assert_close(ex(x), expected)
+class Tiny(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)  # (B, 6)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_a_state_dict_file_loads_into_the_named_architecture(tmp_path, suffix):
-    torch.manual_seed(1)
+def _weights_file(kind: str, tmp_path):
+    """(config, reference network, tile px, the file) for an extractor made from a file."""
+    if kind == "torchscript":
+        path = tmp_path / "tiny.pt"
+        torch.jit.script(Tiny()).save(str(path))
+        return fcfg(extractor=str(path), weights="pretrained"), Tiny(), 16, path
+    torch.manual_seed(5 if kind == "timm cache" else 1)
     reference = timm.create_model("resnet18", num_classes=0).eval()
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".safetensors":
+    if kind == "timm cache":  # timm's own weights, found in the (offline) torch-hub cache
+        url_name = timm.models.get_pretrained_cfg("resnet18.a1_in1k").url.rsplit("/", 1)[1]
+        path = tmp_path / "torch" / "checkpoints" / url_name
+        path.parent.mkdir(parents=True)
+        torch.save(reference.state_dict(), path)
+        return fcfg(weights="pretrained"), reference, 32, path
+    path = tmp_path / f"weights{kind}"
+    if kind == ".safetensors":
         from safetensors.torch import save_file
 
         save_file(reference.state_dict(), str(path))
@@ -108,38 +109,48 @@ def test_a_state_dict_file_loads_into_the_named_architecture(tmp_path, suffix):
         torch.save(
             {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path
         )
-    ex = build_extractor(fcfg(weights=str(path)), tile_px=32)
-    assert (ex.weights, ex.weights_sha256) == (path.name, _sha(path))
-    x = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    return fcfg(weights=str(path)), reference, 32, path
+
+
+@pytest.mark.parametrize(
+    ("kind", "n"),
+    [
+        ("timm cache", 2),
+        (".pth", 3),
+        (".safetensors", 3),
+        pytest.param(  # torch 2.15 deprecates TorchScript
+            "torchscript", 2, marks=pytest.mark.filterwarnings("ignore::FutureWarning")
+        ),
+    ],
+)
+def test_a_weights_file_gives_its_networks_features_and_is_recorded(offline, kind, n):
+    """One test for every extractor made from a file: the network it holds, its hash."""
+    cfg, reference, px, path = _weights_file(kind, offline)
+    ex = build_extractor(cfg, tile_px=px)
+    if kind == "timm cache":
+        assert ex.weights == "timm:resnet18" and ex.weights_sha256 == _sha(path)
+    elif kind == "torchscript":
+        assert (ex.name, ex.dim, ex.weights_sha256) == ("tiny.pt", 6, _sha(path))
+    else:
+        assert (ex.weights, ex.weights_sha256) == (path.name, _sha(path))
+    x = torch.randint(0, 255, (n, 3, px, px), dtype=torch.uint8)
     with torch.inference_mode():
         expected = reference((x / 255.0 - ex.mean) / ex.std)
     torch.testing.assert_close(ex(x), expected)
 
 
-def test_a_state_dict_of_another_network_is_refused(tmp_path):
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.15 deprecates TorchScript
+def test_files_that_do_not_fit_are_refused(tmp_path):
     path = tmp_path / "r50.pth"
     torch.save(timm.create_model("resnet50").state_dict(), path)
     with pytest.raises(ExtractorError, match=r"r50.pth does not fit extractor resnet18"):
         build_extractor(fcfg(weights=str(path)), tile_px=32)
     with pytest.raises(ExtractorError, match="does not exist"):
         build_extractor(fcfg(weights=str(tmp_path / "nope.pth")), tile_px=32)
-
-
-class Tiny(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)  # (B, 6)
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.15 deprecates TorchScript
-def test_a_torchscript_file_is_an_extractor(tmp_path):
-    path = tmp_path / "tiny.pt"
-    torch.jit.script(Tiny()).save(str(path))
-    ex = build_extractor(fcfg(extractor=str(path), weights="pretrained"), tile_px=16)
-    assert (ex.name, ex.dim, ex.weights_sha256) == ("tiny.pt", 6, _sha(path))
-    x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
-    torch.testing.assert_close(ex(x), Tiny()((x / 255.0 - ex.mean) / ex.std))
+    script = tmp_path / "tiny.pt"
+    torch.jit.script(Tiny()).save(str(script))
     with pytest.raises(ExtractorError, match="carries its own weights"):
-        build_extractor(fcfg(extractor=str(path), weights="random"), tile_px=16)
+        build_extractor(fcfg(extractor=str(script), weights="random"), tile_px=16)
     sd = tmp_path / "sd.pt"
     torch.save({"w": torch.ones(1)}, sd)
     with pytest.raises(ExtractorError, match="not a TorchScript model"):
@@ -172,7 +183,7 @@ def test_the_dataloader_pipeline_equals_the_model_on_each_tile(tiny_cohort):
 def test_reader_processes_serve_slide_after_slide_and_are_replaced_after_a_failure(
     tiny_cohort, tmp_path
 ):
-    from wsimil.extract import features
+    from wsimil.extract import embed as embedding
 
     out, table = tiny_cohort
     ex = build_extractor(fcfg(), tile_px=64)
@@ -182,17 +193,17 @@ def test_reader_processes_serve_slide_after_slide_and_are_replaced_after_a_failu
             scales = [slide.scale("10x", 64), slide.scale("20x", 64)]
         tiles = np.array([[0, 0, 0], [1, 256, 128], [0, 384, 256], [1, 512, 384], [0, 640, 512]])
         datasets.append(TileDataset(out / rel, scales, tiles, None))
-    loader = features._thread_loader(2, False)
+    loader = embedding._thread_loader(2, False)
     for ds in datasets:
         got = embed(ex, ds, batch_size=2, num_workers=2)
         np.testing.assert_allclose(got, embed(ex, ds, batch_size=5, num_workers=0), atol=1e-5)
-        assert features._thread_loader(2, False) is loader  # same reader processes
+        assert embedding._thread_loader(2, False) is loader  # same reader processes
     assert len({tuple(embed(ex, ds, batch_size=2, num_workers=2)[0]) for ds in datasets}) == 3
 
     broken = TileDataset(tmp_path / "gone.tiff", scales, tiles, None)
     with pytest.raises(Exception, match="Unsupported or missing image file"):
         embed(ex, broken, batch_size=2, num_workers=2)
-    assert features._thread_loader(2, False) is not loader  # replaced
+    assert embedding._thread_loader(2, False) is not loader  # replaced
     np.testing.assert_allclose(
         embed(ex, datasets[0], batch_size=2, num_workers=2),
         embed(ex, datasets[0], batch_size=5, num_workers=0),
@@ -230,6 +241,29 @@ def test_features_for_slide_writes_the_contract_and_skips_when_up_to_date(tiny_c
     assert not np.allclose(read_bag(root / "10x" / "s0.h5").features, b10.features)
 
 
+def test_the_pipeline_and_a_served_slide_embed_a_slide_alike(tiny_cohort, tmp_path):
+    """features_for_slide and replay.slide_bag share one embed path: equal features."""
+    from wsimil.extract.replay import recorded_extraction, slide_bag
+
+    out, table = tiny_cohort
+    ref = SlideRef("s1", out / table.path[1])
+    sel, _ = tiles_for_slide(ref, TilesConfig(tile_px=64, top_k=6), tmp_path / "tiles")
+    ex = build_extractor(fcfg(batch_size=4), tile_px=64)
+    root = tmp_path / "features"
+    features_for_slide(ref, sel, ex, fcfg(batch_size=4), root)
+    cached = read_pair(root, "s1")
+    served = slide_bag(
+        ref.path, "s1", recorded_extraction(root, ("10x", "20x")), ex, ("10x", "20x"), batch_size=4
+    )
+    for i, bag in enumerate(cached):
+        np.testing.assert_array_equal(served.x[i], bag.features)
+        np.testing.assert_array_equal(served.coords[i], bag.coords)
+        np.testing.assert_array_equal(served.grid[i], bag.grid)
+    only_20x = slide_bag(ref.path, "s1", recorded_extraction(root, ("20x",)), ex, ("20x",),
+                         batch_size=4)  # fmt: skip
+    np.testing.assert_allclose(only_20x.x[0], cached[1].features, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("name", "override"), [("cmu-1-small-region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.5)]
 )
@@ -250,7 +284,7 @@ def _sha(path) -> str:
 def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "w.bin"
     path.write_bytes(b"x" * 3_000_000)
-    assert extractors.sha256_file(path) == _sha(path)
+    assert extractor_files.sha256_file(path) == _sha(path)
 
 
 @pytest.mark.gpu

@@ -9,8 +9,16 @@ Layout, compatible with CLAM and TRIDENT readers::
       grid          (N, 2) int64     (col, row) of the tile in the scale's tile grid
       parent_index  (N,)   int64     20× only: row of the 10× parent tile
       density       (N,)   float32   10× only: share of non-white pixels
-      attrs: slide_id, slide_path, scale, mpp, tile_px, top_k, density_threshold, seed,
-             extractor, weights, weights_sha256, code_version, ... (see wsimil.extract.features)
+      attrs         the :class:`Provenance` record (slide, tile settings, extractor) plus
+                    facts of the run: slide_path, scale, target_mpp, level,
+                    tile_size_level0, precision, n_tissue_tiles, torch_version, ...
+
+A cache is reused while its :class:`Provenance` matches what it would be made from now.
+The code's part of that is a declared rule version per stage, not a hash of the source:
+``tiles_code_version`` is :data:`wsimil.extract.tiles.TILES_RULE` (which tiles a slide
+keeps) and ``code_version`` is :data:`wsimil.extract.embed.FEATURES_RULE` (how kept
+tiles become features). Editing the code leaves every cache valid; a change that alters
+the output must bump its rule by hand, and ``tests/test_golden.py`` fails until it does.
 
 Files are written under a temporary name and renamed, so an interrupted run leaves either
 the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TRIDENT
@@ -19,18 +27,18 @@ the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TR
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import re
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 SCALE_NAMES = ("10x", "20x")
+# An extractor named by a file with one of these suffixes is a TorchScript file; its cache
+# folder is named after the file's stem.
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
 
 
 # --- writing and comparing ------------------------------------------------------------------
@@ -105,15 +113,141 @@ def _plain(attrs) -> dict:
     return out
 
 
-@cache
-def source_version(*modules: str) -> str:
-    """``<package version>+<12 hex of the sources of modules>``: the code that made a cache."""
-    from wsimil import __version__
+# --- provenance: what a cache was made from -------------------------------------------------
 
-    digest = hashlib.sha256()
-    for name in modules:
-        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+class ProvenanceError(Exception):
+    """Attributes that lack part of the provenance record; the message lists the keys."""
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """Which slide, at which magnification (one per slide)."""
+
+    slide_id: str
+    slide_quickhash: str  # OpenSlide's content hash of the file
+    mpp: float  # level-0 µm/px
+    mpp_source: str  # openslide.mpp-x, openslide.objective-power or an override
+
+    @classmethod
+    def of(cls, slide) -> SlideSource:
+        """The source of an open :class:`wsimil.extract.slide.Slide`."""
+        return cls(slide.ref.slide_id, slide.quickhash, float(slide.mpp), slide.mpp_source)
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How tiles are kept (params.yaml → tiles, SPEC §1) and the tile rule's version."""
+
+    tile_px: int
+    top_k: int
+    density_threshold: int
+    min_density: float
+    seed: int
+    rule: int | None = None  # tiles.TILES_RULE; None: recorded before rule versions
+
+    @classmethod
+    def of(cls, cfg, rule: int) -> TileSettings:
+        """The settings of a ``TilesConfig`` under tile rule ``rule``."""
+        return cls(
+            int(cfg.tile_px), int(cfg.top_k), int(cfg.density_threshold),
+            float(cfg.min_density), int(cfg.seed), rule,
+        )  # fmt: skip
+
+    def params(self) -> dict:
+        """The ``TilesConfig`` fields (everything but the rule)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule"}
+
+
+@dataclass(frozen=True)
+class ExtractorSettings:
+    """How kept tiles become features: the network, its weights and the feature rule."""
+
+    extractor: str  # table name, timm model or file name
+    weights: str  # random | timm:<arch> | a weights file name
+    weights_sha256: str  # "" for random weights
+    input_px: int  # tiles resized to this for the network; 0: as cut
+    feature_dim: int = field(compare=False)  # follows from the network
+    weights_path: str = field(default="", compare=False)  # this machine's copy
+    init_seed: int | None = None  # random weights only
+    rule: int | None = None  # embed.FEATURES_RULE; None: recorded before rule versions
+
+
+RULE_ATTRS = {TileSettings: "tiles_code_version", ExtractorSettings: "code_version"}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a cache was made from: the one record of extraction provenance.
+
+    A tiles cache records ``slide`` and ``tiles``, a feature cache all three, and the
+    extraction a served model replays (:mod:`wsimil.extract.replay`) is ``tiles`` and
+    ``extractor``, the same for every slide of a cohort. Stored as flat attributes named
+    as the fields, except each ``rule`` (:data:`RULE_ATTRS`); None values are left out.
+    """
+
+    tiles: TileSettings
+    extractor: ExtractorSettings | None = None
+    slide: SlideSource | None = None
+
+    def _parts(self) -> list:
+        return [p for p in (self.slide, self.tiles, self.extractor) if p is not None]
+
+    def to_attrs(self) -> dict:
+        """Every recorded attribute."""
+        return {k: v for part in self._parts() for k, v in _flat(part, matched=False).items()}
+
+    def matched(self) -> dict:
+        """The attributes a cache must carry to be up to date (not the recorded-only ones)."""
+        return {k: v for part in self._parts() for k, v in _flat(part, matched=True).items()}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, *, slide: bool = True, extractor: bool = True) -> Provenance:
+        """Read the record (``slide``/``extractor``: whether that part is expected).
+
+        Raises:
+            ProvenanceError: a required attribute is missing.
+        """
+        missing: list[str] = []
+        tiles = _parse(TileSettings, attrs, missing)
+        ex = _parse(ExtractorSettings, attrs, missing) if extractor else None
+        source = _parse(SlideSource, attrs, missing) if slide else None
+        if missing:
+            raise ProvenanceError(f"no {', '.join(missing)}")
+        return cls(tiles, ex, source)
+
+
+def _attr(part_type: type, name: str) -> str:
+    return RULE_ATTRS[part_type] if name == "rule" else name
+
+
+def _flat(part, *, matched: bool) -> dict:
+    out = {}
+    for f in fields(part):
+        value = getattr(part, f.name)
+        if value is not None and (f.compare or not matched):
+            out[_attr(type(part), f.name)] = value
+    return out
+
+
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _parse(part_type: type, attrs: dict, missing: list[str]):
+    """One part of the record from ``attrs``; None (and ``missing`` extended) when incomplete."""
+    values, absent = {}, []
+    for f in fields(part_type):
+        key = _attr(part_type, f.name)
+        value = attrs.get(key)
+        if value is None or value == "none":
+            if f.default is MISSING:
+                absent.append(key)
+        elif f.name == "rule":  # older caches hold a hash of the source there: no rule
+            values["rule"] = value if type(value) is int else None
+        else:
+            values[f.name] = _TYPES[f.type.removesuffix(" | None")](value)
+    missing.extend(absent)
+    return None if absent else part_type(**values)
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -121,7 +255,7 @@ def source_version(*modules: str) -> str:
 
 def extractor_tag(extractor: str) -> str:
     """A folder name for an extractor: its name, or a file's stem, made path-safe."""
-    tag = Path(extractor).stem if Path(extractor).suffix in {".pt", ".pth", ".ts"} else extractor
+    tag = Path(extractor).stem if Path(extractor).suffix in TORCHSCRIPT_SUFFIXES else extractor
     return re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
 
 

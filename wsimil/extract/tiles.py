@@ -27,17 +27,27 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil.extract.cache import matches, read_h5, source_version, write_h5
+from wsimil.extract.cache import (
+    SCALE_NAMES,
+    Provenance,
+    SlideSource,
+    TileSettings,
+    matches,
+    read_h5,
+    write_h5,
+)
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide
 
 log = logging.getLogger(__name__)
 
 STRIP_PX = 4096  # widest region read in one call (pixels at the read level)
-CODE_MODULES = ("wsimil.extract.slide", "wsimil.extract.tiles")
-PROVENANCE_KEYS = (  # what the selected set depends on; a cache with other values is stale
-    "slide_id", "slide_quickhash", "mpp", "mpp_source", "tile_px", "top_k",
-    "density_threshold", "min_density", "seed", "tiles_code_version",
-)  # fmt: skip
+# The version of the rule above, recorded in every tiles and feature cache as
+# ``tiles_code_version``. Bump it by hand when a change makes the same slide and settings
+# keep other tiles (coords, grid, density, parent_index; this includes how
+# wsimil.extract.slide reads and resizes them): caches of another version are then
+# recomputed. Refactors and comment edits leave it, and the caches, alone.
+# tests/test_golden.py pins what this version selects.
+TILES_RULE = 1
 
 
 @dataclass(frozen=True)
@@ -56,27 +66,49 @@ class Selection:
     parent_index: np.ndarray  # (K,) int64 row of the 10× parent
     n_grid: int  # whole 10× tiles on the slide
     n_tissue: int  # tiles with density above min_density
-    attrs: dict = field(default_factory=dict)  # provenance, see selection_provenance
+    attrs: dict = field(default_factory=dict)  # Provenance.to_attrs() of slide and tiles
+
+    @property
+    def provenance(self) -> Provenance:
+        """What the selection depends on: the slide and the tile settings."""
+        return Provenance.from_attrs(self.attrs, extractor=False)
 
     @property
     def fewer_than_top_k(self) -> bool:
         return len(self.density) < int(self.attrs["top_k"])
 
+    def coords(self, scale: str) -> np.ndarray:
+        """(K, 2) level-0 (x, y) top-left of the tiles at ``scale`` ("10x" or "20x")."""
+        return {"10x": self.coords_10x, "20x": self.coords_20x}[scale]
+
+    def grid(self, scale: str) -> np.ndarray:
+        """(K, 2) (col, row) of the tiles in the tile grid of ``scale``."""
+        return {"10x": self.grid_10x, "20x": self.grid_20x}[scale]
+
+    def scales(self, slide: Slide, names: tuple[str, ...] = SCALE_NAMES) -> tuple[Scale, ...]:
+        """How the tiles are read from ``slide`` at each scale of ``names``.
+
+        Raises:
+            SlideError: ``slide`` is not the one the tiles were selected on (content or
+                mpp differ).
+        """
+        if slide.quickhash != self.attrs["slide_quickhash"] or slide.mpp != self.attrs["mpp"]:
+            raise slide.ref.error(
+                "differs from the one its tiles were selected on (content or mpp changed); "
+                "run `wsimil tiles` again"
+            )
+        return tile_scales(slide, int(self.attrs["tile_px"]), names)
+
+
+def tile_scales(slide: Slide, tile_px: int, names: tuple[str, ...]) -> tuple[Scale, ...]:
+    """How ``tile_px`` tiles of each scale in ``names`` are read from ``slide``."""
+    return tuple(slide.scale(name, tile_px) for name in names)
+
 
 def selection_provenance(slide: Slide, cfg) -> dict:
-    """The values of :data:`PROVENANCE_KEYS` for ``slide`` under ``cfg`` (``TilesConfig``)."""
-    return {
-        "slide_id": slide.ref.slide_id,
-        "slide_quickhash": slide.quickhash,
-        "mpp": float(slide.mpp),
-        "mpp_source": slide.mpp_source,
-        "tile_px": int(cfg.tile_px),
-        "top_k": int(cfg.top_k),
-        "density_threshold": int(cfg.density_threshold),
-        "min_density": float(cfg.min_density),
-        "seed": int(cfg.seed),
-        "tiles_code_version": source_version(*CODE_MODULES),
-    }
+    """The provenance attributes of ``slide``'s selection under ``cfg`` (``TilesConfig``)."""
+    record = Provenance(TileSettings.of(cfg, TILES_RULE), slide=SlideSource.of(slide))
+    return record.to_attrs()
 
 
 # --- the rule -------------------------------------------------------------------------------
@@ -154,7 +186,7 @@ def select_tiles(slide: Slide, cfg) -> Selection:
         SlideError: the slide is smaller than one 10× tile or has no tissue tile.
     """
     ref = slide.ref
-    s10, s20 = slide.scale("10x", cfg.tile_px), slide.scale("20x", cfg.tile_px)
+    s10, s20 = tile_scales(slide, cfg.tile_px, ("10x", "20x"))
     rows, cols = s10.grid_shape(slide.dimensions)
     if rows * cols == 0:
         raise ref.error(
@@ -223,7 +255,7 @@ def tiles_path(tiles_dir: Path, slide_id: str) -> Path:
 
 def write_selection(path: Path, sel: Selection, slide: Slide) -> None:
     """Write a selection atomically, with its provenance and the read geometry."""
-    s10, s20 = (slide.scale(name, int(sel.attrs["tile_px"])) for name in ("10x", "20x"))
+    s10, s20 = sel.scales(slide, ("10x", "20x"))
     attrs = {
         **sel.attrs,
         "slide_path": str(slide.ref.path),
@@ -257,5 +289,5 @@ def read_selection(path: Path) -> Selection:
         parent_index=data["parent_index"],
         n_grid=int(attrs["n_grid_tiles"]),
         n_tissue=int(attrs["n_tissue_tiles"]),
-        attrs={k: attrs[k] for k in PROVENANCE_KEYS},
+        attrs=Provenance.from_attrs(attrs, extractor=False).to_attrs(),
     )

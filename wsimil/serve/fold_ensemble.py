@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from wsimil.config import ModelConfig
+from wsimil.device import DeviceError, resolve_device
 from wsimil.models import MODELS, MILModel, build_model, collate
 from wsimil.train.manifest import EnsembleError, Manifest
 
@@ -38,19 +39,6 @@ class BagResult:
 
     probabilities: np.ndarray
     scores: dict[str, tuple[np.ndarray, ...]]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU.
-
-    Deliberately not ``wsimil.train.fit.resolve_device``: importing train.fit pulls scikit-learn
-    (metrics) into the served model, whose pinned requirements leave it out.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EnsembleError("device is 'cuda' but no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
 
 
 class FoldEnsemble:
@@ -77,7 +65,10 @@ class FoldEnsemble:
 
         models_dir = Path(models_dir)
         doc = Manifest.read(models_dir)
-        dev = resolve_device(device)
+        try:
+            dev = resolve_device(device, "serve.device")
+        except DeviceError as exc:
+            raise EnsembleError(str(exc)) from None
         if doc.family not in MODELS:
             raise EnsembleError(f"{models_dir}: unknown model family '{doc.family}'")
         cfg = MODELS[doc.family].inference_config(ModelConfig.model_validate(doc.model))

@@ -145,7 +145,8 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         except SlideError as exc:  # the message names the file; not the server's folders
             why = str(exc).replace(str(self.slide_root.resolve()), "<slide root>")
             raise RequestError(f"bag {bag.bag_id!r}: slide_path cannot be used: {why}") from None
-        return inst.x, inst.grid, inst.coords
+        x, grid = tuple(t.numpy() for t in inst.x), tuple(g.numpy() for g in inst.grid)
+        return x, grid, inst.coords  # numpy, as a features request gives them
 
 
 def as_table(model_input) -> pd.DataFrame:

@@ -129,7 +129,8 @@ def carry_weights(src: Path, sha256: str, dest: Path) -> dict:
     Returns:
         ``weights_file`` (relative to ``dest``) and ``weights_file_sha256``.
     """
-    from wsimil.extract.extractors import _is_torchscript, load_state_dict, sha256_file
+    from wsimil.extract.extractor_files import is_torchscript as _is_torchscript
+    from wsimil.extract.extractor_files import load_state_dict, sha256_file
 
     if not src.is_file():
         raise RegistryError(

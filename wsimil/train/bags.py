@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 from wsimil.extract.cache import SCALE_NAMES, BagError, bag_path, read_bag, read_pair
-from wsimil.train.fit import SlideBag
+from wsimil.extract.instances import SlideBag
 
 
 class CohortError(Exception):
@@ -37,17 +35,6 @@ def read_cohort(csv: Path) -> pd.DataFrame:
     if dupes:
         raise CohortError(f"{csv}: duplicated slide_id {dupes[:3]}")
     return table
-
-
-def _to_bag(slide_id: str, label: int, parts) -> SlideBag:
-    return SlideBag(
-        slide_id=slide_id,
-        label=label,
-        x=tuple(torch.from_numpy(np.ascontiguousarray(b.features)) for b in parts),
-        grid=tuple(torch.from_numpy(b.grid) for b in parts),
-        coords=tuple(b.coords for b in parts),
-        tile_level0=tuple(b.tile_size_level0 for b in parts),
-    )
 
 
 def load_bags(
@@ -80,5 +67,12 @@ def load_bags(
         if any(len(p) == 0 for p in parts):
             failed[sid] = "empty bag"
             continue
-        bags[sid] = _to_bag(sid, index[row.label], parts)
+        bags[sid] = SlideBag.from_arrays(
+            sid,
+            index[row.label],
+            [p.features for p in parts],
+            [p.grid for p in parts],
+            [p.coords for p in parts],
+            [p.tile_size_level0 for p in parts],
+        )
     return bags, failed

@@ -10,6 +10,7 @@ early stopping. Seeded: the same seed on CPU gives bit-identical weights and met
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,22 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsimil import device as devices
 from wsimil.config import TrainConfig
+from wsimil.extract.instances import SlideBag
 from wsimil.models import Bags, MILModel, collate
 from wsimil.seeding import FitSeeds, torch_rng, use_deterministic_algorithms
 from wsimil.train.metrics import slide_metrics
 
-
-@dataclass(frozen=True)
-class SlideBag:
-    """One slide's instances, ready for a model (one entry per scale the model reads)."""
-
-    slide_id: str
-    label: int
-    x: tuple[Tensor, ...]  # one (N_s, D_s) float32 per scale
-    grid: tuple[Tensor, ...] | None = None  # one (N_s, 2) long (col, row) per scale
-    coords: tuple[np.ndarray, ...] | None = None  # one (N_s, 2) level-0 (x, y) per scale
-    tile_level0: tuple[float, ...] | None = None  # tile side at level-0 pixels, per scale
+# train.device → a torch device, by the one rule in wsimil.device (crossval imports it here)
+resolve_device = functools.partial(devices.resolve_device, setting="train.device")
 
 
 @dataclass
@@ -43,14 +37,6 @@ class FitResult:
     best_val_auc: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def batches(bags: Sequence[SlideBag], batch_size: int, order: np.ndarray) -> list[list[SlideBag]]:
