@@ -275,31 +275,10 @@ def run_crossval(
             it seeds each fold's fit (:class:`wsimil.seeding.FitSeeds`); recorded as the
             param ``trial.number``.
     """
-    from wsimil import __version__
-
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
-    tags = {
-        **git_state(root),
-        **lineage,
-        "seed": str(train_cfg.seed),
-        "model_family": family,
-        "wsimil_version": __version__,
-        "cohort": splits["cohort"],
-        "scales": ",".join(scales),
-    }
-    params = flatten(
-        {
-            "model": {
-                "name": family,
-                "scale": ",".join(scales),
-                **MODELS[family].section(model_cfg).model_dump(),
-            },
-            "train": train_cfg.model_dump(),
-            "crossval": {"n_folds": splits["n_folds"], "seed": splits["seed"]},
-            **({} if trial is None else {"trial": {"number": trial}}),
-        }
-    )
+    tags = _run_tags(family, train_cfg, splits, scales, lineage, root)
+    params = _run_params(family, model_cfg, train_cfg, splits, scales, trial)
     folds: list[FoldResult] = []
     with start_top_run(experiment, run_name or f"{family}-cv") as parent:
         mlflow.set_tags({**tags, "run_kind": "crossval"})
@@ -312,15 +291,7 @@ def run_crossval(
                     family, model_cfg, train_cfg, fold, bags, classes,
                     on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), trial=trial,
                 )  # fmt: skip
-                mlflow.log_metrics(
-                    {
-                        **{f"test_{k}": v for k, v in result.metrics.items()},
-                        **{f"val_{k}_best": v for k, v in result.val_metrics.items()},
-                        "best_epoch": result.best_epoch,
-                        **({"threshold": result.threshold} if result.threshold is not None else {}),
-                    }
-                )
-                mlflow.set_tag("weights_sha256", weights_sha256(result.state_dict))
+                _log_fold(result)
                 folds.append(result)
             if on_fold is not None and not on_fold(result):
                 break
@@ -339,6 +310,50 @@ def run_crossval(
         if resolved_params is not None:
             mlflow.log_text(yaml.safe_dump(resolved_params, sort_keys=False), RESOLVED_PARAMS)
     return cv
+
+
+def _run_tags(family, train_cfg, splits, scales, lineage, root) -> dict[str, str]:
+    """The lineage every run and fold of a cross-validation carries (SPEC §6)."""
+    from wsimil import __version__
+
+    return {
+        **git_state(root),
+        **lineage,
+        "seed": str(train_cfg.seed),
+        "model_family": family,
+        "wsimil_version": __version__,
+        "cohort": splits["cohort"],
+        "scales": ",".join(scales),
+    }
+
+
+def _run_params(family, model_cfg, train_cfg, splits, scales, trial) -> dict[str, object]:
+    """The model and train sections (and the trial number), flattened to MLflow params."""
+    return flatten(
+        {
+            "model": {
+                "name": family,
+                "scale": ",".join(scales),
+                **MODELS[family].section(model_cfg).model_dump(),
+            },
+            "train": train_cfg.model_dump(),
+            "crossval": {"n_folds": splits["n_folds"], "seed": splits["seed"]},
+            **({} if trial is None else {"trial": {"number": trial}}),
+        }
+    )
+
+
+def _log_fold(result: FoldResult) -> None:
+    """A fold run's test and validation metrics, best epoch, threshold and weight hash."""
+    mlflow.log_metrics(
+        {
+            **{f"test_{k}": v for k, v in result.metrics.items()},
+            **{f"val_{k}_best": v for k, v in result.val_metrics.items()},
+            "best_epoch": result.best_epoch,
+            **({"threshold": result.threshold} if result.threshold is not None else {}),
+        }
+    )
+    mlflow.set_tag("weights_sha256", weights_sha256(result.state_dict))
 
 
 def _write_outputs(cv, model_cfg, scales, table, cohort_dir, bags, out_dir, n_heatmaps):
