@@ -52,7 +52,14 @@ def parse_sets(sets: list[str] | None) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             fail(f"--set {item!r}: expected KEY=VALUE, e.g. model.dmsmil.lam=0.5")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            fail(
+                f"--set {item!r}: {value!r} is not valid YAML ({problem}); give a YAML value, "
+                "e.g. KEY=0.5, KEY=[1, 2] or KEY='some text'"
+            )
     return out
 
 
@@ -65,7 +72,7 @@ def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, P
     from wsimil.runtime import apply_runtime_defaults
 
     try:
-        params = load_params(params_path)
+        params = load_params(params_path, allow_empty=False)
         if sets:
             params = with_overrides(params, parse_sets(sets))
     except ConfigError as exc:
@@ -161,6 +168,12 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
     logging.getLogger("wsimil").setLevel(logging.INFO)
     tiles_cfg = _under_root(params.tiles, root, "slides_csv", "out_dir", "report")
     feats_cfg = _under_root(params.features, root, "out_dir", "report")
+    from wsimil.extract.slide import SlideError, read_slide_table
+
+    try:  # a bad table is one line here, before any Prefect server starts
+        read_slide_table(tiles_cfg.slides_csv)
+    except SlideError as exc:
+        fail(str(exc))
     for key in ("extractor", "weights"):  # a relative file name: under the project root
         if (root / getattr(feats_cfg, key)).is_file():
             feats_cfg = feats_cfg.model_copy(update={key: str(root / getattr(feats_cfg, key))})
@@ -169,6 +182,9 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
         fail(state.message or f"the {which} flow did not complete")
     outcomes = state.result()
     failed = [o for o in outcomes if o.status == "failed"]
+    for o in outcomes:
+        if o.note:
+            typer.echo(f"warning: {o.note}", err=True)
     for o in failed:
         typer.echo(f"error: {o.error}", err=True)
     n = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached")}
@@ -190,17 +206,22 @@ def _under_root(cfg, root: Path, *fields: str):
 def splits(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
     params, root = project(params_path, sets)
-    import pandas as pd
-
+    from wsimil.train.bags import CohortError, read_cohort
+    from wsimil.train.labels import LabelError, check_labels, declared_classes
     from wsimil.train.splits import SplitError, make_splits, write_splits
 
     cfg = params.crossval
     csv = root / cfg.cohort_csv
     if not csv.exists():
         fail(f"{csv}: no cohort table; run `wsimil synth` or point crossval.cohort_csv at one")
-    table = pd.read_csv(csv)
     try:
+        table = read_cohort(csv)
+        declared, source = declared_classes(cfg, params.synth, root)
+        for warning in check_labels(table, csv, declared, source=source, n_folds=cfg.n_folds):
+            typer.echo(f"warning: {warning}", err=True)
         doc = make_splits(table, cfg.n_folds, cfg.val_folds, cfg.seed)
+    except (CohortError, LabelError) as exc:
+        fail(str(exc))
     except SplitError as exc:
         fail(f"{csv}: {exc}")
     write_splits(doc, root / cfg.splits_path)

@@ -30,6 +30,7 @@ from wsimil.extract.cache import bag_path, matches, source_version, write_h5
 from wsimil.extract.extractors import Extractor
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide, rgba_to_rgb
 from wsimil.extract.tiles import Selection
+from wsimil.extract.validate import cache_defect, scale_datasets
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class FeatureResult:
     n_tiles: int
     skipped: bool  # the caches already matched; nothing was computed
     seconds: float
+    repaired: str = ""  # caches that matched but were damaged, and what was wrong
 
 
 def feature_provenance(sel: Selection, extractor: Extractor, input_px: int | None) -> dict:
@@ -263,8 +265,15 @@ def features_for_slide(
     start = time.perf_counter()
     expected = feature_provenance(sel, extractor, cfg.input_px)
     paths = {s: bag_path(features_root, ref.slide_id, s) for s in ("10x", "20x")}
+    repaired = ""
     if all(matches(p, {**expected, "scale": s}) for s, p in paths.items()):
-        return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
+        defects = {
+            p: cache_defect(p, scale_datasets(sel, s), extractor.dim) for s, p in paths.items()
+        }
+        if not any(defects.values()):
+            return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
+        repaired = "; ".join(f"{p}: {d}" for p, d in defects.items() if d)
+        repaired = f"slide {ref.slide_id}: damaged cache recomputed ({repaired})"
     with open_slide(ref, mpp_override=mpp_override) as slide:
         _check_same_slide(slide, sel)
         tile_px = int(sel.attrs["tile_px"])
@@ -304,14 +313,8 @@ def features_for_slide(
         "fewer_than_top_k": sel.fewer_than_top_k,
         "torch_version": str(torch.__version__),
     }
-    for i, (scale, grid, coords) in enumerate(
-        [(scales[0], sel.grid_10x, sel.coords_10x), (scales[1], sel.grid_20x, sel.coords_20x)]
-    ):
-        datasets = {"features": feats[i * k : (i + 1) * k], "coords": coords, "grid": grid}
-        if scale.name == "10x":
-            datasets["density"] = sel.density
-        else:
-            datasets["parent_index"] = sel.parent_index
+    for i, scale in enumerate(scales):
+        datasets = {"features": feats[i * k : (i + 1) * k], **scale_datasets(sel, scale.name)}
         attrs = {
             **common,
             "scale": scale.name,
@@ -328,7 +331,7 @@ def features_for_slide(
         write_h5(paths[scale.name], datasets, attrs, {"coords": coords_attrs})
     seconds = time.perf_counter() - start
     log.info("slide %s: embedded %d tiles in %.1f s", ref.slide_id, 2 * k, seconds)
-    return FeatureResult(paths, k, False, seconds)
+    return FeatureResult(paths, k, False, seconds, repaired)
 
 
 def _check_same_slide(slide: Slide, sel: Selection) -> None:

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from wsimil.extract.cache import matches, read_h5, source_version, write_h5
+from wsimil.extract.ids import under
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide
+from wsimil.extract.validate import selection_defect
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +213,19 @@ def tiles_for_slide(ref: SlideRef, cfg, tiles_dir: Path) -> tuple[Selection, boo
     with open_slide(ref, mpp_override=cfg.mpp_override) as slide:
         path = tiles_path(tiles_dir, ref.slide_id)
         if matches(path, selection_provenance(slide, cfg)):
-            return read_selection(path), True
+            defect = selection_defect(path)
+            if defect is None:
+                return read_selection(path), True
+            log.warning("slide %s: tiles cache %s is damaged (%s); selecting again",
+                        ref.slide_id, path, defect)  # fmt: skip
         sel = select_tiles(slide, cfg)
         write_selection(path, sel, slide)
         return sel, False
 
 
 def tiles_path(tiles_dir: Path, slide_id: str) -> Path:
-    return Path(tiles_dir) / f"{slide_id}.h5"
+    """``<tiles_dir>/<slide_id>.h5``; an id that would leave the folder is refused."""
+    return under(tiles_dir, slide_id, ".h5")
 
 
 def write_selection(path: Path, sel: Selection, slide: Slide) -> None:

@@ -97,7 +97,15 @@ def read_splits(path: Path, table: pd.DataFrame) -> dict:
     path = Path(path)
     if not path.exists():
         raise SplitError(f"{path}: no splits file; run `wsimil splits` (or `dvc repro`) first")
-    splits = json.loads(path.read_text())
+    try:
+        splits = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if hasattr(exc, "lineno") else ""
+        raise SplitError(
+            f"{path}: not a splits file{where} ({getattr(exc, 'msg', exc)}); re-run `wsimil splits`"
+        ) from None
+    if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list):
+        raise SplitError(f"{path}: not a splits file (no 'folds' list); re-run `wsimil splits`")
     if splits.get("cohort") != cohort_fingerprint(table):
         raise SplitError(
             f"{path} was made for another cohort (slides, patients or labels changed); "
