@@ -54,7 +54,14 @@ def parse_sets(sets: list[str] | None) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             fail(f"--set {item!r}: expected KEY=VALUE, e.g. model.dmsmil.lam=0.5")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            fail(
+                f"--set {item!r}: {value!r} is not valid YAML ({problem}); give a YAML value, "
+                "e.g. KEY=0.5, KEY=[1, 2] or KEY='some text'"
+            )
     return out
 
 
@@ -70,7 +77,7 @@ def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, P
     from wsimil.runtime import apply_runtime_defaults
 
     try:
-        params = load_params(params_path)
+        params = load_params(params_path, allow_empty=False)
         if sets:
             params = with_overrides(params, parse_sets(sets))
     except ConfigError as exc:
@@ -167,11 +174,20 @@ def _run_extraction(which: str, params: Params, dask: str | None) -> None:
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wsimil").setLevel(logging.INFO)
+    from wsimil.extract.slide import SlideError, read_slide_table
+
+    try:  # a bad table is one line here, before any Prefect server starts
+        read_slide_table(params.tiles.slides_csv)
+    except SlideError as exc:
+        fail(str(exc))
     state = flows.run(which, params.tiles, params.features, dask=cluster)
     if not state.is_completed():
         fail(state.message or f"the {which} flow did not complete")
     outcomes = state.result()
     failed = [o for o in outcomes if o.status == "failed"]
+    for o in outcomes:
+        if o.note:
+            typer.echo(f"warning: {o.note}", err=True)
     for o in failed:
         typer.echo(f"error: {o.error}", err=True)
     n = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached")}
@@ -188,11 +204,13 @@ def _run_extraction(which: str, params: Params, dask: str | None) -> None:
 def splits(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
     params, root = project(params_path, sets)
+    from wsimil.train.bags import CohortError
+    from wsimil.train.labels import LabelError
     from wsimil.train.splits import SplitError, split_cohort
 
     cfg = params.crossval
-    with _failing(SplitError):
-        doc = split_cohort(cfg)
+    with _failing(SplitError, CohortError, LabelError):
+        doc = split_cohort(cfg, params.synth, root, warn=warn)
     sizes = ", ".join(f"{len(f['train'])}/{len(f['val'])}/{len(f['test'])}" for f in doc["folds"])
     shown = as_written(cfg.splits_path, root)
     typer.echo(f"wrote {cfg.n_folds} folds (train/val/test slides: {sizes}) to {shown}")

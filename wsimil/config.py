@@ -103,6 +103,9 @@ class CrossvalConfig(Section):
     experiment: str = Field("wsimil-demo", min_length=1, description="MLflow experiment")
     out_dir: Path = Path("results/crossval")
     n_heatmaps: int = Field(3, ge=0, description="heatmaps drawn per run (tumour slides)")
+    classes: list[str] | None = Field(
+        None, min_length=2, description="the labels slides.csv may use; others are an error"
+    )
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -412,8 +415,12 @@ def describe_validation_error(err: ValidationError, path: Path) -> str:
     return "\n".join(lines)
 
 
-def load_params(path: Path) -> Params:
-    """Read and validate a params file; raise :class:`ConfigError` with an actionable message."""
+def load_params(path: Path, *, allow_empty: bool = True) -> Params:
+    """Read and validate a params file; raise :class:`ConfigError` with an actionable message.
+
+    An empty file (or one of comments only) takes every default, unless ``allow_empty`` is
+    False (the CLI): there it is more often a truncated file than a choice.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -430,6 +437,10 @@ def load_params(path: Path) -> Params:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None and not allow_empty:
+        raise ConfigError(
+            f"{path}: empty (no sections); restore it, or write `{{}}` in it to take every default"
+        )
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -27,6 +27,7 @@ import yaml
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
 from wsimil.experiment.tracking import RESOLVED_PARAMS, flatten, git_state, start_top_run
+from wsimil.extract.ids import under
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
 from wsimil.train.fit import SlideBag, fit, predict, resolve_device
@@ -192,7 +193,7 @@ def localisation(
                 slide.close()
                 for name, per_scale in scores.items():
                     save_heatmap(
-                        heatmap_dir / f"{sid}_{name}.png",
+                        under(heatmap_dir, f"{sid}_{name}", ".png"),
                         thumb,
                         ds,
                         bag.coords[-1],

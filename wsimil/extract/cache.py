@@ -27,6 +27,7 @@ the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TR
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -34,6 +35,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from wsimil.extract.ids import under
+from wsimil.extract.validate import array_defect, remedy
 
 SCALE_NAMES = ("10x", "20x")
 # An extractor named by a file with one of these suffixes is a TorchScript file; its cache
@@ -53,6 +57,7 @@ def write_h5(
     """Write datasets and file attributes to ``path`` atomically (temporary name, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
@@ -64,6 +69,24 @@ def write_h5(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` left by writers that were killed (their pid is gone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def read_h5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -265,8 +288,8 @@ def features_dir(out_dir: Path, extractor: str) -> Path:
 
 
 def bag_path(features_root: Path, slide_id: str, scale: str) -> Path:
-    """``<features_root>/<scale>/<slide_id>.h5``."""
-    return Path(features_root) / scale / f"{slide_id}.h5"
+    """``<features_root>/<scale>/<slide_id>.h5``; an id that would leave the folder is refused."""
+    return under(under(features_root, scale), slide_id, ".h5")
 
 
 # --- reading bags ---------------------------------------------------------------------------
@@ -324,15 +347,21 @@ def read_bag(path: Path, *, tile_size_level0: float | None = None) -> Bag:
         for name in ("features", "coords"):
             if name not in f:
                 raise BagError(f"{path}: no '{name}' dataset; not a feature bag")
-        features = np.asarray(f["features"][()], dtype=np.float32)
-        if features.ndim == 3 and features.shape[0] == 1:  # some tools save (1, N, D)
-            features = features[0]
-        coords = np.asarray(f["coords"][()]).reshape(-1, 2).astype(np.int64)
         attrs = {**_plain(f["coords"].attrs), **_plain(f.attrs)}
-        grid = np.asarray(f["grid"][()], dtype=np.int64) if "grid" in f else None
-        parent = np.asarray(f["parent_index"][()], dtype=np.int64) if "parent_index" in f else None
-    if features.ndim != 2 or len(features) != len(coords):
-        raise BagError(f"{path}: features {features.shape} do not match coords {coords.shape}")
+        try:
+            features = np.asarray(f["features"][()], dtype=np.float32)
+            if features.ndim == 3 and features.shape[0] == 1:  # some tools save (1, N, D)
+                features = features[0]
+            coords = np.asarray(f["coords"][()]).reshape(-1, 2).astype(np.int64)
+            grid = np.asarray(f["grid"][()], dtype=np.int64) if "grid" in f else None
+            parent = (
+                np.asarray(f["parent_index"][()], dtype=np.int64) if "parent_index" in f else None
+            )
+        except (TypeError, ValueError, OSError) as exc:
+            raise BagError(f"{path}: unreadable datasets ({exc}){remedy(attrs)}") from None
+    defect = array_defect(features, coords, grid, parent)
+    if defect:
+        raise BagError(f"{path}: {defect}{remedy(attrs)}")
     size = tile_size_level0 or _tile_size_from(attrs, coords)
     if grid is None:
         grid = np.rint(coords / size).astype(np.int64) if size else np.zeros_like(coords)

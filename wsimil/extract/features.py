@@ -21,6 +21,7 @@ from wsimil.extract.embed import embed_selection, extractor_settings
 from wsimil.extract.network import Extractor
 from wsimil.extract.slide import Scale, SlideRef, open_slide
 from wsimil.extract.tiles import Selection
+from wsimil.extract.validate import cache_defect, scale_datasets
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class FeatureResult:
     n_tiles: int
     skipped: bool  # the caches already matched; nothing was computed
     seconds: float
+    repaired: str = ""  # caches that matched but were damaged, and what was wrong
 
 
 def feature_provenance(sel: Selection, extractor: Extractor, input_px: int | None) -> Provenance:
@@ -64,8 +66,15 @@ def features_for_slide(
     start = time.perf_counter()
     record = feature_provenance(sel, extractor, cfg.input_px)
     paths = {s: bag_path(features_root, ref.slide_id, s) for s in SCALE_NAMES}
+    repaired = ""
     if all(matches(p, {**record.matched(), "scale": s}) for s, p in paths.items()):
-        return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
+        defects = {
+            p: cache_defect(p, scale_datasets(sel, s), extractor.dim) for s, p in paths.items()
+        }
+        if not any(defects.values()):
+            return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
+        repaired = "; ".join(f"{p}: {d}" for p, d in defects.items() if d)
+        repaired = f"slide {ref.slide_id}: damaged cache recomputed ({repaired})"
     with open_slide(ref, mpp_override=mpp_override) as slide:
         embedded = embed_selection(
             slide,
@@ -91,18 +100,14 @@ def features_for_slide(
         write_h5(paths[scale.name], datasets, {**common, **attrs}, {"coords": coords_attrs})
     seconds = time.perf_counter() - start
     log.info("slide %s: embedded %d tiles in %.1f s", ref.slide_id, 2 * len(sel.density), seconds)
-    return FeatureResult(paths, len(sel.density), False, seconds)
+    return FeatureResult(paths, len(sel.density), False, seconds, repaired)
 
 
 def _scale_file(
     sel: Selection, scale: Scale, feats: np.ndarray, level0_mpp: float
 ) -> tuple[dict, dict, dict]:
     """One scale's datasets, file attributes and ``coords`` attributes."""
-    datasets = {"features": feats, "coords": sel.coords(scale.name), "grid": sel.grid(scale.name)}
-    if scale.name == "10x":
-        datasets["density"] = sel.density
-    else:
-        datasets["parent_index"] = sel.parent_index
+    datasets = {"features": feats, **scale_datasets(sel, scale.name)}
     attrs = {
         "scale": scale.name,
         "target_mpp": scale.mpp,

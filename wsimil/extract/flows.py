@@ -106,6 +106,7 @@ def features_task(
         n_tissue_tiles=tiles_done.n_tissue_tiles,
         fewer_than_top_k=tiles_done.fewer_than_top_k,
         seconds=round(tiles_done.seconds + result.seconds, 3),
+        note=result.repaired,
     )
 
 

@@ -26,6 +26,7 @@ class SlideOutcome:
     n_tissue_tiles: int = 0
     fewer_than_top_k: bool = False
     seconds: float = 0.0
+    note: str = ""  # e.g. a damaged cache that was recomputed
 
 
 def write_report(path: Path, outcomes: list[SlideOutcome], summary: dict) -> None:

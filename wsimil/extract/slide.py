@@ -47,34 +47,38 @@ def read_slide_table(csv_path: Path) -> list[SlideRef]:
     """Read ``slides.csv``; relative paths are relative to the csv's folder.
 
     Raises:
-        SlideError: the table is missing, lacks a required column, has an empty slide_id or
-            path, or repeats a slide_id.
+        SlideError: the table is missing, empty, not UTF-8 or malformed, lacks a required
+            column, has an empty slide_id or path, an unsafe or repeated slide_id, or an
+            mpp_override that is not a positive number (see :mod:`wsimil.extract.tables`).
     """
+    from wsimil.extract.tables import TableError, read_table
+
     csv_path = Path(csv_path)
     try:
-        table = pd.read_csv(csv_path, dtype={"slide_id": str, "path": str})
-    except FileNotFoundError:
-        raise SlideError(
-            f"{csv_path}: no such slide table; set tiles.slides_csv in params.yaml"
-        ) from None
-    missing = {"slide_id", "path"} - set(table.columns)
-    if missing:
-        raise SlideError(f"{csv_path}: missing column(s) {sorted(missing)}")
-    for column in ("slide_id", "path"):
-        empty = table.index[table[column].isna() | (table[column].str.strip() == "")]
-        if len(empty):
-            rows = [int(i) + 2 for i in empty[:5]]  # file line numbers (line 1 is the header)
+        table = read_table(
+            csv_path,
+            ("slide_id", "path"),
+            missing_hint="no such slide table; set tiles.slides_csv in params.yaml",
+            dtype={"path": str},
+        )
+    except TableError as exc:
+        raise SlideError(str(exc)) from None
+    overrides = [None] * len(table)
+    if "mpp_override" in table.columns:
+        given = table["mpp_override"].notna()
+        numbers = pd.to_numeric(table["mpp_override"], errors="coerce")
+        bad = given & ~(numbers > 0)
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
             raise SlideError(
-                f"{csv_path}: empty {column} on line(s) {rows}; fill it in or remove the row"
+                f"{csv_path}: line {table.attrs['lines'][i]}: mpp_override "
+                f"{table['mpp_override'].iloc[i]!r} is not a positive number (µm/px); fix it "
+                "or leave the cell empty"
             )
-    dup = table["slide_id"][table["slide_id"].duplicated()].tolist()
-    if dup:
-        raise SlideError(f"{csv_path}: slide_id repeated: {dup[:5]}")
+        overrides = [float(v) if given.iloc[i] else None for i, v in enumerate(numbers)]
     refs = []
-    for row in table.itertuples(index=False):
+    for row, override in zip(table.itertuples(index=False), overrides, strict=True):
         path = Path(row.path)
-        override = getattr(row, "mpp_override", None)
-        override = None if override is None or pd.isna(override) else float(override)
         path = path if path.is_absolute() else csv_path.parent / path
         refs.append(SlideRef(str(row.slide_id), path, override))
     return refs

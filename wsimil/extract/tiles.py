@@ -36,7 +36,9 @@ from wsimil.extract.cache import (
     read_h5,
     write_h5,
 )
+from wsimil.extract.ids import under
 from wsimil.extract.slide import Scale, Slide, SlideRef, open_slide
+from wsimil.extract.validate import selection_defect
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +245,19 @@ def tiles_for_slide(ref: SlideRef, cfg, tiles_dir: Path) -> tuple[Selection, boo
     with open_slide(ref, mpp_override=cfg.mpp_override) as slide:
         path = tiles_path(tiles_dir, ref.slide_id)
         if matches(path, selection_provenance(slide, cfg)):
-            return read_selection(path), True
+            defect = selection_defect(path)
+            if defect is None:
+                return read_selection(path), True
+            log.warning("slide %s: tiles cache %s is damaged (%s); selecting again",
+                        ref.slide_id, path, defect)  # fmt: skip
         sel = select_tiles(slide, cfg)
         write_selection(path, sel, slide)
         return sel, False
 
 
 def tiles_path(tiles_dir: Path, slide_id: str) -> Path:
-    return Path(tiles_dir) / f"{slide_id}.h5"
+    """``<tiles_dir>/<slide_id>.h5``; an id that would leave the folder is refused."""
+    return under(tiles_dir, slide_id, ".h5")
 
 
 def write_selection(path: Path, sel: Selection, slide: Slide) -> None:

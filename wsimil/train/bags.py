@@ -7,6 +7,7 @@ sorted order of the class names (the order ``splits.json`` records).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -23,18 +24,22 @@ REQUIRED_COLUMNS = ("slide_id", "patient_id", "label")
 
 
 def read_cohort(csv: Path) -> pd.DataFrame:
-    """``slides.csv`` with its required columns checked (unknown columns are kept)."""
-    csv = Path(csv)
-    if not csv.exists():
-        raise CohortError(f"{csv}: no cohort table; run `wsimil synth` or point to your slides.csv")
-    table = pd.read_csv(csv, dtype={"slide_id": str, "patient_id": str, "label": str})
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise CohortError(f"{csv}: missing column(s) {', '.join(missing)}")
-    dupes = table["slide_id"][table["slide_id"].duplicated()].tolist()
-    if dupes:
-        raise CohortError(f"{csv}: duplicated slide_id {dupes[:3]}")
-    return table
+    """``slides.csv`` with its required columns checked (unknown columns are kept).
+
+    Raises:
+        CohortError: see :func:`wsimil.extract.tables.read_table` (empty, not UTF-8, no
+            ``patient_id`` column, an empty label, a repeated or unsafe slide_id, ...).
+    """
+    from wsimil.extract.tables import TableError, read_table
+
+    try:
+        return read_table(
+            Path(csv),
+            REQUIRED_COLUMNS,
+            missing_hint="no cohort table; run `wsimil synth` or point to your slides.csv",
+        )
+    except TableError as exc:
+        raise CohortError(str(exc)) from None
 
 
 def load_bags(
@@ -44,13 +49,14 @@ def load_bags(
 
     Returns:
         bags by slide id, and the slides that could not be loaded with the reason (a slide
-        whose extraction failed is reported, not fatal).
+        whose extraction failed, or whose bag is unreadable, empty, has NaN rows or features
+        of another dimension than most of the cohort's, is reported with its file, not fatal).
     """
     for s in scales:
         if s not in SCALE_NAMES:
             raise CohortError(f"unknown scale {s!r}; use one of {SCALE_NAMES}")
     index = {c: i for i, c in enumerate(classes)}
-    bags, failed = {}, {}
+    bags, failed, paths = {}, {}, {}
     for row in table.itertuples():
         sid = str(row.slide_id)
         if row.label not in index:
@@ -64,8 +70,9 @@ def load_bags(
         except BagError as exc:
             failed[sid] = str(exc)
             continue
-        if any(len(p) == 0 for p in parts):
-            failed[sid] = "empty bag"
+        empty = [p.path for p in parts if len(p) == 0]
+        if empty:
+            failed[sid] = f"{empty[0]}: empty bag (no tiles); run `wsimil features` again"
             continue
         bags[sid] = SlideBag.from_arrays(
             sid,
@@ -75,4 +82,25 @@ def load_bags(
             [p.coords for p in parts],
             [p.tile_size_level0 for p in parts],
         )
+        paths[sid] = [p.path for p in parts]
+    for sid, why in _other_dimension(bags, paths).items():
+        failed[sid] = why
+        del bags[sid]
     return bags, failed
+
+
+def _other_dimension(bags: dict[str, SlideBag], paths: dict[str, list[Path]]) -> dict[str, str]:
+    """Slides whose features at some scale are not as wide as most of the cohort's."""
+    out = {}
+    n_scales = len(next(iter(bags.values())).x) if bags else 0
+    for s in range(n_scales):
+        dims = Counter(int(b.x[s].shape[1]) for b in bags.values())
+        usual, n = dims.most_common(1)[0]
+        for sid, b in bags.items():
+            dim = int(b.x[s].shape[1])
+            if dim != usual and sid not in out:
+                out[sid] = (
+                    f"{paths[sid][s]}: {dim}-D features, but {n} of the {len(bags)} bags are "
+                    f"{usual}-D; recompute it with the cohort's extractor (`wsimil features`)"
+                )
+    return out

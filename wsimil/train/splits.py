@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from wsimil.config import CrossvalConfig
+from wsimil.config import CrossvalConfig, SynthConfig
 
 
 class SplitError(Exception):
@@ -39,19 +39,31 @@ def _grouped_folds(
     return [part for _, part in sgkf.split(np.zeros(len(labels)), labels, groups)]
 
 
-def split_cohort(cfg: CrossvalConfig) -> dict:
+def split_cohort(cfg: CrossvalConfig, synth: SynthConfig, root: Path, *, warn) -> dict:
     """Split the cohort table ``cfg.cohort_csv`` (:func:`make_splits`); write ``cfg.splits_path``.
+
+    The labels are checked first (:func:`wsimil.train.labels.check_labels`): against the
+    declared classes when there are any, else ``warn`` hears of rare or look-alike labels.
 
     Raises:
         SplitError: there is no table, or it cannot be split as asked (the message names it).
+        CohortError: the table cannot be read (the message names the file and line).
+        LabelError: a label is not one of the declared classes.
     """
+    from wsimil.train.bags import read_cohort
+    from wsimil.train.labels import check_labels, declared_classes
+
     csv = Path(cfg.cohort_csv)
     if not csv.exists():
         raise SplitError(
             f"{csv}: no cohort table; run `wsimil synth` or point crossval.cohort_csv at one"
         )
+    table = read_cohort(csv)
+    declared, source = declared_classes(cfg, synth, root)
+    for warning in check_labels(table, csv, declared, source=source, n_folds=cfg.n_folds):
+        warn(warning)
     try:
-        doc = make_splits(pd.read_csv(csv), cfg.n_folds, cfg.val_folds, cfg.seed)
+        doc = make_splits(table, cfg.n_folds, cfg.val_folds, cfg.seed)
     except SplitError as exc:
         raise SplitError(f"{csv}: {exc}") from None
     write_splits(doc, cfg.splits_path)
@@ -118,7 +130,15 @@ def read_splits(path: Path, table: pd.DataFrame) -> dict:
     path = Path(path)
     if not path.exists():
         raise SplitError(f"{path}: no splits file; run `wsimil splits` (or `dvc repro`) first")
-    splits = json.loads(path.read_text())
+    try:
+        splits = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if hasattr(exc, "lineno") else ""
+        raise SplitError(
+            f"{path}: not a splits file{where} ({getattr(exc, 'msg', exc)}); re-run `wsimil splits`"
+        ) from None
+    if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list):
+        raise SplitError(f"{path}: not a splits file (no 'folds' list); re-run `wsimil splits`")
     if splits.get("cohort") != cohort_fingerprint(table):
         raise SplitError(
             f"{path} was made for another cohort (slides, patients or labels changed); "
