@@ -164,10 +164,13 @@ def _run_extraction(which: str, params: Params, root: Path, dask: str | None) ->
     for key in ("extractor", "weights"):  # a relative file name: under the project root
         if (root / getattr(feats_cfg, key)).is_file():
             feats_cfg = feats_cfg.model_copy(update={key: str(root / getattr(feats_cfg, key))})
-    state = flows.run(which, tiles_cfg, feats_cfg, dask=cluster)
-    if not state.is_completed():
-        fail(state.message or f"the {which} flow did not complete")
-    outcomes = state.result()
+    from wsimil.runtime import prefect_api
+
+    with prefect_api():  # a temporary server, if one is needed, dies with this process
+        state = flows.run(which, tiles_cfg, feats_cfg, dask=cluster)
+        if not state.is_completed():
+            fail(state.message or f"the {which} flow did not complete")
+        outcomes = state.result()
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
         typer.echo(f"error: {o.error}", err=True)
