@@ -152,3 +152,23 @@ def test_slide_table_errors_name_the_file(tmp_path):
     csv.write_text("slide_id,path\na,a.svs\nb,\n")  # an empty path on line 3
     with pytest.raises(SlideError, match=r"empty path on line\(s\) \[3\]; fill it in"):
         read_slide_table(csv)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random_bytes"])
+def test_a_damaged_svs_is_called_damaged_not_sent_to_vips(shared_data, tmp_path, damage):
+    whole = (shared_data / WSI / "cmu-1-small-region.svs").read_bytes()
+    body = (
+        whole[: len(whole) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(65536)
+    )
+    path = tmp_path / "broken.svs"
+    path.write_bytes(body)
+    with pytest.raises(SlideError) as info:
+        open_slide(SlideRef("broken", path))
+    message = str(info.value)
+    assert message.startswith(f"slide broken ({path}) is not a format OpenSlide reads")
+    assert "the file is damaged or not a slide" in message
+    assert "vips" not in message
+    # ... while a plain TIFF, which OpenSlide does not read either, keeps the conversion hint
+    with pytest.raises(SlideError, match="vips tiffsave") as plain:
+        open_slide(SlideRef("kidney", shared_data / WSI / "kidney-48-5.tif"))
+    assert "damaged" not in str(plain.value)

@@ -175,15 +175,17 @@ def _run_extraction(which: str, params: Params, dask: str | None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wsimil").setLevel(logging.INFO)
     from wsimil.extract.slide import SlideError, read_slide_table
+    from wsimil.runtime import prefect_api
 
     try:  # a bad table is one line here, before any Prefect server starts
         read_slide_table(params.tiles.slides_csv)
     except SlideError as exc:
         fail(str(exc))
-    state = flows.run(which, params.tiles, params.features, dask=cluster)
-    if not state.is_completed():
-        fail(state.message or f"the {which} flow did not complete")
-    outcomes = state.result()
+    with prefect_api():  # a temporary server, if one is needed, dies with this process
+        state = flows.run(which, params.tiles, params.features, dask=cluster)
+        if not state.is_completed():
+            fail(state.message or f"the {which} flow did not complete")
+        outcomes = state.result()
     failed = [o for o in outcomes if o.status == "failed"]
     for o in outcomes:
         if o.note:

@@ -301,6 +301,9 @@ class ServeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_grid_cells: int = Field(1_000_000, ge=1, description="tile-grid extent of one bag")
     slide_batch_size: int = Field(32, ge=1, description="tiles per batch for slide-path input")
+    max_request_mb: float = Field(
+        64, gt=0, description="request body size; more is a 413 (a 20000 x 512 .npy bag is 55 MB)"
+    )
 
 
 class Params(Section):

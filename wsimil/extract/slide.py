@@ -237,6 +237,11 @@ def open_slide(ref: SlideRef, *, mpp_override: float | None = None) -> Slide:
     try:
         osr = openslide.OpenSlide(ref.path)
     except openslide.OpenSlideUnsupportedFormatError:
+        if not _is_an_image(ref.path):  # truncated, random bytes, or not an image at all
+            raise ref.error(
+                "is not a format OpenSlide reads: the file is damaged or not a slide "
+                "(truncated, or no image format at all); replace it with an intact copy"
+            ) from None
         raise ref.error(
             "is not a format OpenSlide reads (a plain, untiled TIFF or an image?); convert it "
             "to a tiled pyramidal TIFF with its resolution, e.g. `vips tiffsave IN OUT.tif "
@@ -250,3 +255,18 @@ def open_slide(ref: SlideRef, *, mpp_override: float | None = None) -> Slide:
         osr.close()
         raise
     return Slide(ref, osr, mpp, source)
+
+
+def _is_an_image(path: Path) -> bool:
+    """Whether Pillow recognises ``path`` as an image (it reads the header only)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd EXIF and large-image warnings
+            Image.open(path).close()
+    except Image.DecompressionBombError:  # an image, only a very large one
+        return True
+    except Exception:  # UnidentifiedImageError, or a header that breaks a format plugin
+        return False
+    return True

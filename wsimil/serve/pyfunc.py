@@ -22,6 +22,9 @@ Answer, one object per bag::
 
 Bad requests raise an ``MlflowException`` whose error code the scoring server turns into a
 400 (invalid value), 403 (slide path not allowed) or 404 (no such slide); the server goes on.
+Under ``mlflow models serve`` the model also puts :mod:`wsimil.serve.limits` in front of the
+server at load: bodies over ``serve.max_request_mb`` get a 413, non-JSON a 415, and every
+error answer is one short JSON line.
 Slide paths are accepted only under ``WSIMIL_SERVE_SLIDE_ROOT``; the extractor is then
 built once at load, on the model's device (CUDA when present, else CPU).
 """
@@ -46,6 +49,7 @@ from mlflow.protos.databricks_pb2 import (
 
 from wsimil.config import ServeConfig
 from wsimil.serve.fold_ensemble import FoldEnsemble
+from wsimil.serve.limits import guard_scoring_server
 from wsimil.serve.requests import BagRequest, Limits, RequestError, parse_bags
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         self.limits = Limits(
             self.settings.max_instances, self.settings.max_bags, self.settings.max_grid_cells
         )
+        guard_scoring_server(int(self.settings.max_request_mb * 2**20))  # under `models serve`
         root = os.environ.get(SLIDE_ROOT_ENV)
         self.slide_root = Path(root) if root else None
         manifest = bundle / "extraction.json"

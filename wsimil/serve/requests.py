@@ -102,7 +102,7 @@ def _parse_row(row, bag_id, scales, in_dims, limits, needs_grid, slide_root) -> 
                 f"bag {bag_id!r}: give slide_path or features, not both (also got "
                 f"{', '.join(given)})"
             )
-        return BagRequest(bag_id, slide_path=resolve_slide_path(str(slide), slide_root))
+        return BagRequest(bag_id, slide_path=resolve_slide_path(slide, slide_root))
     xs, grids, coords = [], [], []
     for scale, dim in zip(scales, in_dims, strict=True):
         x = _scale_features(row, bag_id, scale, dim, limits)
@@ -273,6 +273,11 @@ def resolve_slide_path(text: str, root: Path | None) -> Path:
             "slide_path is not accepted by this server: it was started without "
             "WSIMIL_SERVE_SLIDE_ROOT; send features instead",
             status=403,
+        )
+    if not isinstance(text, str) or not text or any(ord(c) < 32 for c in text):
+        raise RequestError(
+            "slide_path must be a non-empty string without NUL or control characters; send "
+            "the slide's path relative to the slide root"
         )
     base = Path(root).resolve()
     path = (base / text).resolve()  # an absolute ``text`` replaces ``base``
