@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from projects import TINY_PARAMS, Server, clean_env, run, wsimil
+from projects import REPO, TINY_PARAMS, Server, clean_env, run, wsimil
 
 PREFECT_APP = "prefect.server.api.server:create_app"
 
@@ -132,7 +132,7 @@ with prefect_api():
 @pytest.mark.slow
 def test_a_flow_command_past_its_time_limit_is_stopped_with_its_children(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
-    env = clean_env(tmp_path)
+    env = clean_env(tmp_path, PYTHONPATH=str(REPO))  # flows/ is a folder of the checkout
     started = time.monotonic()
     out = run([sys.executable, "-c", FLOW_RUN, str(pid_file), str(3 / 3600)], tmp_path, env,
               timeout=300)  # fmt: skip

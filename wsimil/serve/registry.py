@@ -54,6 +54,7 @@ SERVING_PACKAGES = (
     "mlflow", "mlflow-skinny", "mlflow-tracing", "torch", "torchvision", "timm",
     "huggingface-hub", "numpy", "pandas", "safetensors", "pydantic", "pyyaml", "pot", "h5py",
     "pillow", "openslide-python", "openslide-bin", "tqdm",
+    "fastapi",  # serve/limits.py guards the scoring server's app
 )  # fmt: skip
 METRIC_TAGS = ("auc_mean", "auc_std", "acc_mean", "acc_std", "f1_mean", "f1_std")
 PREDICTIONS = Path("report") / "predictions.csv"  # beside models/, as crossval writes them
