@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from projects import mlflow_store
+from projects import BIN, Server, free_port, mlflow_store
 from test_train import SMALL, make_bags
 
 from wsimil.config import ModelConfig, TrainConfig
@@ -36,6 +36,29 @@ class Fitted:
     cv: CVResult
     cfg: ModelConfig
     held_out: list[SlideBag]  # bags no fold saw, to score
+
+
+@contextlib.contextmanager
+def model_server(uri: str, env: dict[str, str], log: Path):
+    """`mlflow models serve -m uri` on a free loopback port, once it answers /ping; its URL.
+
+    Started in its own process group (uvicorn is a grandchild) and stopped by it.
+    """
+    import requests
+
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
+    proc = Server([*cmd, "-h", "127.0.0.1", "-p", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_until(
+            lambda: requests.get(f"{url}/ping", timeout=2).status_code == 200,
+            180,
+            "mlflow models serve",
+        )
+        yield url
+    finally:
+        proc.stop()
 
 
 @contextlib.contextmanager

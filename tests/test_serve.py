@@ -17,8 +17,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
-from projects import BIN, Server, free_port
-from serving import SCALES, fit_ensemble, isolated_store, npy_b64, reference_answer, request_row
+from projects import BIN
+from serving import (
+    SCALES,
+    fit_ensemble,
+    isolated_store,
+    model_server,
+    npy_b64,
+    reference_answer,
+    request_row,
+)
 
 from wsimil.models import MODELS
 from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
@@ -212,34 +220,18 @@ def test_answers_keep_request_order_and_ids(served):
 @pytest.fixture(scope="module")
 def server(served, tmp_path_factory):
     """`mlflow models serve` of the DTFD champion on 127.0.0.1; stopped by its process group."""
-    import requests
 
     _, uri = served["dtfd"]
     slides = tmp_path_factory.mktemp("slides")
     (slides / "inside.tiff").write_bytes(b"not a slide")
-    port = free_port()
     env = {
         **os.environ,  # the served fixture's tracking store
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn via the shell
         SLIDE_ROOT_ENV: str(slides),
         "SERVING_MODEL_CONFIG": json.dumps({"max_instances": 30}),  # override at serve time
     }
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
-    proc = Server(
-        [*cmd, "-h", "127.0.0.1", "-p", str(port)],
-        env,
-        tmp_path_factory.mktemp("server") / "server.log",
-    )  # its own process group: uvicorn is a grandchild
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_until(
-            lambda: requests.get(f"{url}/ping", timeout=2).status_code == 200,
-            180,
-            "mlflow models serve",
-        )
+    with model_server(uri, env, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        proc.stop()
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ import time
 import mlflow
 import numpy as np
 import pytest
-from projects import BIN, Server, free_port
-from serving import fit_ensemble, isolated_store, request_row
+from projects import BIN
+from serving import fit_ensemble, isolated_store, model_server, request_row
 from test_serve import BAD, publish
 
 from wsimil.serve.limits import RequestGuard, guard_scoring_server, one_line, shorten
@@ -41,31 +41,19 @@ def registered(tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded(registered):
     """(URL, slide root, fitted ensemble) of the champion served with a 4 MB limit."""
-    import requests
 
     uri, fitted, root = registered
     slides = root / "slides"
     slides.mkdir()
     (slides / "junk.svs").write_bytes(b"not a slide")
-    port = free_port()
     env = {
         **os.environ,  # the registered fixture's tracking store
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         SLIDE_ROOT_ENV: str(slides),
         "SERVING_MODEL_CONFIG": json.dumps({"max_instances": 30, "max_request_mb": LIMIT_MB}),
     }
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
-    proc = Server([*cmd, "-h", "127.0.0.1", "-p", str(port)], env, root / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_until(
-            lambda: requests.get(f"{url}/ping", timeout=2).status_code == 200,
-            180,
-            "mlflow models serve",
-        )
+    with model_server(uri, env, root / "server.log") as url:
         yield url, slides, fitted
-    finally:
-        proc.stop()
 
 
 def post(url: str, body, content_type: str = "application/json", timeout: float = 60):
