@@ -55,8 +55,38 @@ class SynthConfig(Section):
         return self
 
 
+class TissueConfig(Section):
+    """The tissue rule (`tiles.rule: tissue`, SPEC §1b): a tissue mask and every tile on it."""
+
+    mpp: float = Field(0.5, gt=0, description="grid µm/px (0.5 = 20x); parents at twice this")
+    tile_px: int = Field(256, ge=16, description="tile side at mpp (DTFD-MIL: 256)")
+    overlap_px: int = Field(0, ge=0, description="pixels shared by neighbouring tiles")
+    min_tissue: float = Field(0.5, gt=0, le=1, description="keep tiles with this tissue share")
+    mask_mpp: float = Field(16.0, gt=0, description="µm/px of the low-resolution mask (~8-32)")
+    threshold: Literal["otsu", "fixed"] = Field("otsu", description="saturation threshold rule")
+    saturation_threshold: int = Field(20, ge=0, le=255, description="used when threshold: fixed")
+    median_px: int = Field(7, ge=1, description="median blur side at mask_mpp (odd)")
+    close_px: int = Field(4, ge=0, description="morphological closing side at mask_mpp")
+    min_tissue_um2: float = Field(20000.0, ge=0, description="smaller tissue regions dropped")
+    min_hole_um2: float = Field(20000.0, ge=0, description="smaller holes are filled")
+    remove_pen: bool = Field(False, description="drop blue, green and black ink from the mask")
+
+    @model_validator(mode="after")
+    def _fits(self) -> TissueConfig:
+        if self.overlap_px >= self.tile_px:
+            raise ValueError(f"overlap_px ({self.overlap_px}) must be below tile_px")
+        if self.median_px % 2 == 0:
+            raise ValueError(f"median_px ({self.median_px}) must be odd")
+        return self
+
+
 class TilesConfig(Section):
-    """Density-ranked 10x tiles and their 20x children (`wsimil tiles`, SPEC §1)."""
+    """Which tiles a slide keeps (`wsimil tiles`): the DMSMIL rule (SPEC §1) or all tissue (§1b)."""
+
+    rule: Literal["density_top_k", "tissue"] = Field(
+        "density_top_k", description="density_top_k: DMSMIL's top-K; tissue: every tissue tile"
+    )
+    tissue: TissueConfig = TissueConfig()
 
     slides_csv: Path = Path("data/demo/slides.csv")
     out_dir: Path = Path("data/tiles")

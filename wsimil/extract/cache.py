@@ -28,6 +28,7 @@ the old file or the new one. :func:`read_bag` also reads bags made by CLAM or TR
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -167,19 +168,36 @@ class TileSettings:
     density_threshold: int
     min_density: float
     seed: int
-    rule: int | None = None  # tiles.TILES_RULE; None: recorded before rule versions
+    rule: int | None = None  # tiles.TILES_RULE or grid.TISSUE_RULE; None: before rule versions
+    # The tissue rule's settings (``TissueConfig`` as sorted JSON); None: the DMSMIL rule.
+    tissue_settings: str | None = None
 
     @classmethod
     def of(cls, cfg, rule: int) -> TileSettings:
-        """The settings of a ``TilesConfig`` under tile rule ``rule``."""
+        """The settings of a ``TilesConfig`` under tile rule version ``rule``."""
+        tissue = None
+        if getattr(cfg, "rule", "density_top_k") == "tissue":
+            tissue = json.dumps(cfg.tissue.model_dump(mode="json"), sort_keys=True)
         return cls(
             int(cfg.tile_px), int(cfg.top_k), int(cfg.density_threshold),
-            float(cfg.min_density), int(cfg.seed), rule,
+            float(cfg.min_density), int(cfg.seed), rule, tissue,
         )  # fmt: skip
 
+    @property
+    def tissue(self) -> dict | None:
+        """The tissue rule's ``TissueConfig`` fields, or None under the DMSMIL rule."""
+        return None if self.tissue_settings is None else json.loads(self.tissue_settings)
+
     def params(self) -> dict:
-        """The ``TilesConfig`` fields (everything but the rule)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule"}
+        """The ``TilesConfig`` fields (everything but the rule version)."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("rule", "tissue_settings")
+        }
+        if self.tissue is not None:
+            out.update(rule="tissue", tissue=self.tissue)
+        return out
 
 
 @dataclass(frozen=True)

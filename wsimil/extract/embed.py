@@ -251,13 +251,12 @@ def selection_dataset(
         SlideError: ``slide`` is not the slide the tiles were selected on.
     """
     readers = sel.scales(slide, scales)
-    k = len(sel.density)
     tiles = np.concatenate(
         [
-            np.column_stack([np.full(k, i, np.int64), sel.coords(s.name)])
+            np.column_stack([np.full(len(sel.coords(s.name)), i, np.int64), sel.coords(s.name)])
             for i, s in enumerate(readers)
         ]
-    )  # (S·K, 3): scale index, x0, y0
+    )  # (K_10x + K_20x, 3): scale index, x0, y0 (the tissue rule has fewer 10x parents)
     return TileDataset(slide.ref.path, list(readers), tiles, input_px)
 
 
@@ -298,10 +297,8 @@ def embed_selection(
         raise slide.ref.error(f"could not read or embed its tiles: {_last_line(exc)}") from None
     finally:
         dataset.close()
-    k = len(sel.density)
-    return Embedded(
-        tuple(dataset.scales), tuple(feats[i * k : (i + 1) * k] for i in range(len(scales)))
-    )
+    ends = np.cumsum([len(sel.coords(s)) for s in scales])
+    return Embedded(tuple(dataset.scales), tuple(np.split(feats, ends[:-1])))
 
 
 def _last_line(exc: Exception) -> str:

@@ -99,7 +99,8 @@ def features_for_slide(
         datasets, attrs, coords_attrs = _scale_file(sel, scale, feats, slide.mpp)
         write_h5(paths[scale.name], datasets, {**common, **attrs}, {"coords": coords_attrs})
     seconds = time.perf_counter() - start
-    log.info("slide %s: embedded %d tiles in %.1f s", ref.slide_id, 2 * len(sel.density), seconds)
+    n_embedded = sum(len(f) for f in embedded.features)
+    log.info("slide %s: embedded %d tiles in %.1f s", ref.slide_id, n_embedded, seconds)
     return FeatureResult(paths, len(sel.density), False, seconds, repaired)
 
 
@@ -117,7 +118,9 @@ def _scale_file(
     coords_attrs = {  # the names TRIDENT and CLAM readers look for
         "patch_size": scale.tile_px,
         "patch_size_level0": int(round(scale.tile_size_level0)),
-        "target_magnification": 20 if scale.name == "20x" else 10,
+        "patch_level": scale.level,
+        "downsample": np.array([scale.downsample, scale.downsample]),  # level-0 px per px
+        "target_magnification": round(10.0 / scale.mpp, 3),  # 20 at 0.5 µm/px
         "level0_magnification": 10.0 / level0_mpp,
     }
     return datasets, attrs, coords_attrs

@@ -160,9 +160,12 @@ class Slide:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def scale(self, name: str, tile_px: int) -> Scale:
-        """Where and how to read ``tile_px`` tiles at scale ``name`` ("10x" or "20x")."""
-        target = SCALES[name]
+    def scale(self, name: str, tile_px: int, *, mpp: float | None = None) -> Scale:
+        """Where and how to read ``tile_px`` tiles at scale ``name`` ("10x" or "20x").
+
+        ``mpp`` reads the scale at another µm/px than the name's (the tissue rule's grid).
+        """
+        target = SCALES[name] if mpp is None else mpp
         downsample = target / self.mpp
         if downsample < 1 / MAX_UPSAMPLE:
             raise self.ref.error(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsimil.extract import grid
 from wsimil.extract.cache import (
     SCALE_NAMES,
     Provenance,
@@ -76,8 +77,13 @@ class Selection:
         return Provenance.from_attrs(self.attrs, extractor=False)
 
     @property
+    def tissue_rule(self) -> bool:
+        """Whether the tiles are the tissue rule's (SPEC §1b) rather than the top-K rule's."""
+        return self.provenance.tiles.tissue is not None
+
+    @property
     def fewer_than_top_k(self) -> bool:
-        return len(self.density) < int(self.attrs["top_k"])
+        return not self.tissue_rule and len(self.density) < int(self.attrs["top_k"])
 
     def coords(self, scale: str) -> np.ndarray:
         """(K, 2) level-0 (x, y) top-left of the tiles at ``scale`` ("10x" or "20x")."""
@@ -99,6 +105,10 @@ class Selection:
                 "differs from the one its tiles were selected on (content or mpp changed); "
                 "run `wsimil tiles` again"
             )
+        tissue = self.provenance.tiles.tissue
+        if tissue is not None:
+            by_name = dict(zip(("10x", "20x"), grid.tissue_scales(slide, tissue), strict=True))
+            return tuple(by_name[n] for n in names)
         return tile_scales(slide, int(self.attrs["tile_px"]), names)
 
 
@@ -109,7 +119,8 @@ def tile_scales(slide: Slide, tile_px: int, names: tuple[str, ...]) -> tuple[Sca
 
 def selection_provenance(slide: Slide, cfg) -> dict:
     """The provenance attributes of ``slide``'s selection under ``cfg`` (``TilesConfig``)."""
-    record = Provenance(TileSettings.of(cfg, TILES_RULE), slide=SlideSource.of(slide))
+    rule = grid.TISSUE_RULE if cfg.rule == "tissue" else TILES_RULE
+    record = Provenance(TileSettings.of(cfg, rule), slide=SlideSource.of(slide))
     return record.to_attrs()
 
 
@@ -178,15 +189,23 @@ def child_quadrants(slide_id: str, seed: int, shape: tuple[int, int]) -> np.ndar
 
 
 def select_tiles(slide: Slide, cfg) -> Selection:
-    """Apply the rule to one slide.
+    """Apply ``cfg.rule`` to one slide: the rule above, or the tissue rule (:mod:`.grid`).
 
     Args:
         slide: an open slide.
-        cfg: ``TilesConfig`` (tile_px, top_k, density_threshold, min_density, seed).
+        cfg: ``TilesConfig`` (tile_px, top_k, density_threshold, min_density, seed; or
+            ``rule: tissue`` and its ``tissue`` section).
 
     Raises:
         SlideError: the slide is smaller than one 10× tile or has no tissue tile.
     """
+    if cfg.rule == "tissue":
+        return grid.select_tissue_tiles(slide, cfg)[0]
+    return select_top_k(slide, cfg)
+
+
+def select_top_k(slide: Slide, cfg) -> Selection:
+    """The density top-K rule of the module docstring on one slide."""
     ref = slide.ref
     s10, s20 = tile_scales(slide, cfg.tile_px, ("10x", "20x"))
     rows, cols = s10.grid_shape(slide.dimensions)
@@ -242,15 +261,22 @@ def tiles_for_slide(ref: SlideRef, cfg, tiles_dir: Path) -> tuple[Selection, boo
     Returns:
         The selection, and True when it came from the cache.
     """
+    tissue = cfg.rule == "tissue"
     with open_slide(ref, mpp_override=cfg.mpp_override) as slide:
         path = tiles_path(tiles_dir, ref.slide_id)
-        if matches(path, selection_provenance(slide, cfg)):
+        qc = grid.qc_paths(tiles_dir, ref.slide_id).values() if tissue else ()
+        if matches(path, selection_provenance(slide, cfg)) and all(p.is_file() for p in qc):
             defect = selection_defect(path)
             if defect is None:
                 return read_selection(path), True
             log.warning("slide %s: tiles cache %s is damaged (%s); selecting again",
                         ref.slide_id, path, defect)  # fmt: skip
-        sel = select_tiles(slide, cfg)
+        if tissue:
+            sel, tm = grid.select_tissue_tiles(slide, cfg)
+            size = sel.scales(slide, ("20x",))[0].tile_size_level0
+            grid.write_tissue_outputs(tiles_dir, sel, tm, size)
+        else:
+            sel = select_top_k(slide, cfg)
         write_selection(path, sel, slide)
         return sel, False
 
@@ -280,7 +306,31 @@ def write_selection(path: Path, sel: Selection, slide: Slide) -> None:
         "coords_20x": sel.coords_20x,
         "parent_index": sel.parent_index,
     }
-    write_h5(path, datasets, attrs)
+    dataset_attrs = {}
+    if sel.tissue_rule:  # the grid's tiles as CLAM's coordinates file has them
+        datasets["coords"] = sel.coords_20x
+        dataset_attrs["coords"] = clam_coords_attrs(s20, slide)
+    write_h5(path, datasets, attrs, dataset_attrs)
+
+
+def clam_coords_attrs(scale: Scale, slide: Slide) -> dict:
+    """The attributes CLAM and TRIDENT put on ``coords``, for tiles of ``scale``.
+
+    ``patch_size`` is the tile side at the target scale and ``downsample`` level-0 px per
+    target px, so ``patch_size · downsample`` (CLAM) and ``patch_size_level0`` (TRIDENT)
+    are both the level-0 side; ``patch_level`` is the pyramid level the tiles are read from.
+    """
+    level_w, level_h = slide.osr.level_dimensions[scale.level]
+    return {
+        "patch_size": scale.tile_px,
+        "patch_level": scale.level,
+        "downsample": np.array([scale.downsample, scale.downsample]),
+        "downsampled_level_dim": np.array([level_w, level_h], np.int64),
+        "level_dim": np.array(slide.dimensions, np.int64),
+        "patch_size_level0": int(round(scale.tile_size_level0)),
+        "target_mpp": scale.mpp,
+        "name": slide.ref.slide_id,
+    }
 
 
 def read_selection(path: Path) -> Selection:

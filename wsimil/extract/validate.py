@@ -75,16 +75,23 @@ def selection_defect(path: Path) -> str | None:
                 if name not in f.attrs:
                     return f"no '{name}' attribute"
             data = {name: f[name][()] for name in SELECTION_DATASETS}
+            attrs = dict(f.attrs)
     except OSError as exc:
         return f"cannot be read ({exc})"
-    n = len(data["parent_index"])
+    # The top-K rule has one 20x child per 10x tile; the tissue rule every distinct parent once.
+    tissue = "tissue_settings" in attrs
+    n, m = len(data["parent_index"]), len(data["density_10x"])
     for name, value in data.items():
-        want = (n,) if name in ("density_10x", "parent_index") else (n, 2)
+        rows = m if name.endswith("_10x") and tissue else n
+        want = (rows,) if name in ("density_10x", "parent_index") else (rows, 2)
         if value.shape != want:
             return f"'{name}' is {value.shape}, expected {want}"
     if n == 0:
         return "no tiles"
-    if not np.array_equal(data["parent_index"], np.arange(n)):
+    parent = data["parent_index"]
+    if tissue and not (0 <= parent.min() <= parent.max() < m):
+        return f"'parent_index' does not index the {m} 10x tiles"
+    if not tissue and not np.array_equal(parent, np.arange(n)):
         return "'parent_index' is not 0..N-1"
     if not (np.isfinite(data["density_10x"]).all() and (data["density_10x"] > 0).all()):
         return "'density_10x' has values that are not positive numbers"
