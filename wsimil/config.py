@@ -43,6 +43,10 @@ class SynthConfig(Section):
     jpeg_quality: int = Field(90, ge=10, le=100)
     mask_downsample: int = Field(16, ge=1, description="mask pixel = this many level-0 px")
     seed: int = 0
+    # Tissue-segmentation cohorts (wsimil/synth_tissue.py); off: the demo cohort as before.
+    tissue_masks: bool = Field(False, description="write masks/<id>.tissue.png (ground truth)")
+    pen_marks: int = Field(0, ge=0, description="ink strokes per slide (masks/<id>.pen.png)")
+    tiled_render: bool = Field(False, description="render tile by tile: 40,000 x 30,000 px")
 
     @model_validator(mode="after")
     def _patients_fit(self) -> SynthConfig:
@@ -87,6 +91,11 @@ class TilesConfig(Section):
         "density_top_k", description="density_top_k: DMSMIL's top-K; tissue: every tissue tile"
     )
     tissue: TissueConfig = TissueConfig()
+
+    @property
+    def cut_px(self) -> int:
+        """The side of the tiles the active rule cuts (what the extractor sees)."""
+        return self.tissue.tile_px if self.rule == "tissue" else self.tile_px
 
     slides_csv: Path = Path("data/demo/slides.csv")
     out_dir: Path = Path("data/tiles")

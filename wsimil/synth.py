@@ -318,14 +318,24 @@ def plan_cohort(cfg: SynthConfig) -> list[SlideSpec]:
 
 def _write_slide(spec: SlideSpec, cfg: SynthConfig, out_dir: Path) -> dict:
     """Render one slide and write its TIFF and mask; return its slides.csv row."""
-    rgb, mask, share = render_slide(spec, cfg)
+    from wsimil import synth_tissue
+
     slide_rel = Path("slides") / f"{spec.slide_id}.tiff"
     mask_rel = Path("masks") / f"{spec.slide_id}.png"
     description = json.dumps(
         {"wsimil_synthetic": True, "slide_id": spec.slide_id, "label": spec.label,
          "mpp": cfg.mpp, "magnification": 20, "seed": spec.seed}
     )  # fmt: skip
-    write_tiff(out_dir / slide_rel, rgb, cfg, description)
+    if cfg.tiled_render:  # large slides: tile by tile (wsimil.synth_tissue)
+        tiled = synth_tissue.TiledSlide(spec, cfg)
+        synth_tissue.write_tiled_tiff(out_dir / slide_rel, tiled, description)
+        mask, share = tiled.tumour_mask(), tiled.share
+        extra = synth_tissue.write_extras(spec, cfg, None, tiled.tissue_truth, out_dir)
+    else:
+        rgb, mask, share = render_slide(spec, cfg)
+        truth = lambda: synth_tissue.tissue_truth(spec.seed, cfg)  # noqa: E731
+        extra = synth_tissue.write_extras(spec, cfg, rgb, truth, out_dir)
+        write_tiff(out_dir / slide_rel, rgb, cfg, description)
     _write_png(out_dir / mask_rel, mask)
     return {
         "slide_id": spec.slide_id,
@@ -335,6 +345,7 @@ def _write_slide(spec: SlideSpec, cfg: SynthConfig, out_dir: Path) -> dict:
         "mask_path": mask_rel.as_posix(),
         "mask_downsample": cfg.mask_downsample,
         "tumour_share": round(share, 4),
+        **extra,
     }
 
 

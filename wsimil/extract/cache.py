@@ -188,6 +188,11 @@ class TileSettings:
         """The tissue rule's ``TissueConfig`` fields, or None under the DMSMIL rule."""
         return None if self.tissue_settings is None else json.loads(self.tissue_settings)
 
+    @property
+    def cut_px(self) -> int:
+        """The side of the tiles the rule cuts (``TilesConfig.cut_px``)."""
+        return int(self.tissue["tile_px"]) if self.tissue is not None else self.tile_px
+
     def params(self) -> dict:
         """The ``TilesConfig`` fields (everything but the rule version)."""
         out = {

@@ -91,7 +91,7 @@ def features_task(
     if features.num_workers and multiprocessing.current_process().daemon:
         return Failed(message=DAEMON_WORKER)
     try:
-        extractor = shared_extractor(features, tiles.tile_px)
+        extractor = shared_extractor(features, tiles.cut_px)
         sel = read_selection(tiles_path(tiles.out_dir, ref.slide_id))
         result = features_for_slide(
             ref, sel, extractor, features, features_root, mpp_override=tiles.mpp_override
@@ -192,7 +192,7 @@ def extract_features(
     start = time.perf_counter()
     try:
         refs = read_slide_table(tiles.slides_csv)
-        extractor = shared_extractor(features, tiles.tile_px)  # the tasks of this process reuse it
+        extractor = shared_extractor(features, tiles.cut_px)  # the tasks of this process reuse it
     except (SlideError, ExtractorError) as exc:
         return Failed(message=str(exc))
     root = features_dir(features.out_dir, features.extractor)

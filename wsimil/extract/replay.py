@@ -112,7 +112,7 @@ def build_recorded_extractor(extraction: dict, weights_file: Path | None, device
     features = FeaturesConfig(
         **cfg, init_seed=ex.init_seed or 0, input_px=ex.input_px or None, device=device
     )
-    extractor = build_extractor(features, record.tiles.tile_px)
+    extractor = build_extractor(features, record.tiles.cut_px)
     # A carried state dict was re-saved as safetensors: its own hash was recorded then.
     expected = str(extraction.get("weights_file_sha256") or ex.weights_sha256)
     if extractor.weights_sha256 != expected:

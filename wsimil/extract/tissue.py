@@ -179,7 +179,7 @@ def qc_thumbnail(tm: TissueMask, tiles_xy: np.ndarray, tile_size_level0: float) 
         tile_size_level0: their side in level-0 px.
     """
     h, w = tm.thumbnail.shape[:2]
-    zoom = max(1, min(QC_MIN_PX // max(h, w, 1), 16))  # small masks are drawn enlarged
+    zoom = max(1, min(-(-QC_MIN_PX // max(h, w, 1)), 16))  # small masks are drawn enlarged
     out = cv2.resize(tm.thumbnail, (w * zoom, h * zoom), interpolation=cv2.INTER_NEAREST)
     px = tm.downsample / zoom  # level-0 px per QC pixel
     side = tile_size_level0 / px
