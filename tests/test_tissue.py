@@ -177,6 +177,18 @@ def test_tissue_bags_embed_at_both_scales_and_pair_for_dmsmil(cmu, tmp_path):
     one = extractor(torch.from_numpy(np.array(tile)).permute(2, 0, 1)[None]).numpy()[0]
     assert np.allclose(one, bag20.features[3], atol=1e-4)
     assert not result.skipped
+    # DMSMIL takes the pair as it is: N tiles at 20×, fewer parents at 10×.
+    from wsimil.config import ModelConfig
+    from wsimil.models import build_model
+    from wsimil.models.base import collate
+
+    model = build_model("dmsmil", ModelConfig(), [512, 512], 2)
+    xs = [torch.from_numpy(b.features) for b in (bag10, bag20)]
+    grids = [torch.from_numpy(b.grid) for b in (bag10, bag20)]
+    out = model(collate([xs], [grids]))
+    loss, _ = model.loss(out, torch.tensor([1]))
+    loss.backward()
+    assert torch.isfinite(loss)
 
 
 def test_a_slide_without_tissue_fails_alone_with_its_name(tmp_path):
