@@ -177,6 +177,13 @@ def test_tissue_bags_embed_at_both_scales_and_pair_for_dmsmil(cmu, tmp_path):
     one = extractor(torch.from_numpy(np.array(tile)).permute(2, 0, 1)[None]).numpy()[0]
     assert np.allclose(one, bag20.features[3], atol=1e-4)
     assert not result.skipped
+    # A served slide is tiled and embedded by the recorded settings: the same bags.
+    from wsimil.extract.replay import recorded_extraction, slide_bag
+
+    extraction = recorded_extraction(tmp_path / "features", ("10x", "20x"))
+    served = slide_bag(cmu.path, "cmu", extraction, extractor, ("10x", "20x"), batch_size=64)
+    assert np.array_equal(served.x[0].numpy(), bag10.features)
+    assert np.array_equal(served.x[1].numpy(), bag20.features)
     # DMSMIL takes the pair as it is: N tiles at 20×, fewer parents at 10×.
     from wsimil.config import ModelConfig
     from wsimil.models import build_model

@@ -72,7 +72,7 @@ def features_for_slide(
             p: cache_defect(p, scale_datasets(sel, s), extractor.dim) for s, p in paths.items()
         }
         if not any(defects.values()):
-            return FeatureResult(paths, len(sel.density), True, time.perf_counter() - start)
+            return FeatureResult(paths, sel.n_tiles, True, time.perf_counter() - start)
         repaired = "; ".join(f"{p}: {d}" for p, d in defects.items() if d)
         repaired = f"slide {ref.slide_id}: damaged cache recomputed ({repaired})"
     with open_slide(ref, mpp_override=mpp_override) as slide:
@@ -101,7 +101,7 @@ def features_for_slide(
     seconds = time.perf_counter() - start
     n_embedded = sum(len(f) for f in embedded.features)
     log.info("slide %s: embedded %d tiles in %.1f s", ref.slide_id, n_embedded, seconds)
-    return FeatureResult(paths, len(sel.density), False, seconds, repaired)
+    return FeatureResult(paths, sel.n_tiles, False, seconds, repaired)
 
 
 def _scale_file(

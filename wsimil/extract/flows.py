@@ -68,7 +68,7 @@ def tiles_task(ref: SlideRef, tiles: TilesConfig) -> SlideOutcome:
         ref.slide_id,
         str(ref.path),
         "cached" if cached else "done",
-        n_tiles=len(sel.density),
+        n_tiles=sel.n_tiles,
         n_tissue_tiles=sel.n_tissue,
         fewer_than_top_k=sel.fewer_than_top_k,
         seconds=round(time.perf_counter() - start, 3),

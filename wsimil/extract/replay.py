@@ -65,10 +65,12 @@ def check_rules(record: Provenance) -> None:
         ExtractionError: a recorded rule version differs (records without one pass).
     """
     from wsimil.extract.embed import FEATURES_RULE
+    from wsimil.extract.grid import TISSUE_RULE
     from wsimil.extract.tiles import TILES_RULE
 
+    tile_rule = TILES_RULE if record.tiles.tissue is None else TISSUE_RULE
     for what, recorded, current in (
-        ("tile", record.tiles.rule, TILES_RULE),
+        ("tile", record.tiles.rule, tile_rule),
         ("feature", record.extractor.rule, FEATURES_RULE),
     ):
         if recorded is not None and recorded != current:

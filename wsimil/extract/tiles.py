@@ -58,6 +58,9 @@ class Selection:
     """The kept tiles of one slide, in row-major order of their 10× grid position.
 
     Row i of the 20× arrays is the child of row i of the 10× arrays (``parent_index[i] == i``).
+    Under the tissue rule (:mod:`wsimil.extract.grid`) the 20× arrays hold every kept tile,
+    the 10× arrays each distinct parent once (``density``: the parent's tissue share), and
+    ``parent_index[i]`` is the 10× row of tile i; ``n_grid`` counts the tissue grid's cells.
     """
 
     slide_id: str
@@ -75,6 +78,11 @@ class Selection:
     def provenance(self) -> Provenance:
         """What the selection depends on: the slide and the tile settings."""
         return Provenance.from_attrs(self.attrs, extractor=False)
+
+    @property
+    def n_tiles(self) -> int:
+        """Kept tiles at the finer scale (the bag size; the top-K rule has as many at 10×)."""
+        return len(self.coords_20x)
 
     @property
     def tissue_rule(self) -> bool:
