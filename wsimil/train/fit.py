@@ -2,9 +2,10 @@
 
 One generic loop for every model (each model owns its loss): Adam, an optional step
 schedule (DTFD reference: lr × 0.2 at half the epochs), gradient-norm clipping per
-parameter group (DTFD clips each tier separately; a model lists its groups in
-``clip_groups()``), the best epoch by validation AUC (ties: lower validation loss), optional
-early stopping. Seeded: the same seed on CPU gives bit-identical weights and metrics.
+parameter group (DTFD clips each tier-1 module and tier 2 separately; a model lists
+its groups in ``clip_groups()``), the best epoch by validation AUC (ties: lower
+validation loss), optional early stopping. Seeded: the same seed on CPU gives
+bit-identical weights and metrics.
 """
 
 from __future__ import annotations
