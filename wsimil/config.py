@@ -192,6 +192,9 @@ class TrainConfig(Section):
     deterministic: bool = Field(
         False, description="deterministic torch kernels (GPU: slower; CPU is bit-exact anyway)"
     )
+    max_grid_cells: int = Field(
+        1_000_000, ge=1, description="grid models: a bag's tile-grid extent (cols x rows)"
+    )
 
 
 class TrainSection(Section):
