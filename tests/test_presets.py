@@ -111,3 +111,13 @@ def test_dtfd_mil_preset_names_only_known_keys_outside_the_tissue_rule(project):
     other.write_text(yaml.safe_dump(tree))
     p = load_params(project / "params.yaml", overlays=[other])
     assert p.model.name == "dtfd" and p.train.dtfd.epochs == 200
+
+
+def test_dvc_applies_the_arguments_to_params_yaml_as_the_preset_does(project):
+    """DVC's own ``-S`` applier (what ``dvc exp run`` runs) gives the preset's params."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = preset_file(project, "dmsmil-paper")
+    want = load_params(project / "params.yaml", overlays=[path])
+    apply_overrides(str(project / "params.yaml"), dvc_set_args(path)[1::2])
+    assert load_params(project / "params.yaml") == want
