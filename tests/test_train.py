@@ -113,16 +113,29 @@ def test_step_schedule_and_early_stopping():
     assert lrs == pytest.approx([1e-3, 1e-3, 2e-4, 2e-4])
 
 
-def test_dtfd_clips_each_tier_separately():
+def test_dtfd_clips_each_tier1_module_and_tier2_separately():
     from wsimil.train.fit import clip_groups
 
     model = build_model("dtfd", SMALL, [12], 2)
     groups = clip_groups(model)
-    assert len(groups) == 2
-    ids = [{id(p) for p in g} for g in groups]
-    assert not ids[0] & ids[1]
-    assert ids[0] | ids[1] == {id(p) for p in model.parameters()}
+    modules = [model.reduce, model.attention1, model.classifier1]
+    tier2 = [*model.attention2.parameters(), *model.classifier2.parameters()]
+    want = [{id(p) for p in m.parameters()} for m in modules] + [{id(p) for p in tier2}]
+    assert [{id(p) for p in g} for g in groups] == want
+    assert set().union(*want) == {id(p) for p in model.parameters()}
     assert len(clip_groups(build_model("abmil", SMALL, [12], 2))) == 1
+
+
+def test_clipping_each_group_bounds_each_group_norm():
+    """A tiny clip: every group's gradient norm is cut to it on its own, not jointly."""
+    from wsimil.train.fit import clip_groups, train_step
+
+    model = build_model("dtfd", SMALL, [12], 2)
+    groups = clip_groups(model)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model, make_bags(2, 1, 3)[:1], optimiser, groups, 1e-6, torch.device("cpu"))
+    norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g])) for g in groups]
+    assert [float(n) for n in norms] == pytest.approx([1e-6] * 4, rel=1e-3)
 
 
 def test_standardisation_is_fitted_on_training_bags_and_saved():

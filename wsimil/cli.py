@@ -65,8 +65,20 @@ def parse_sets(sets: list[str] | None) -> dict[str, object]:
     return out
 
 
-def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, Path]:
-    """Validate params.yaml (plus ``--set`` overrides) and apply the runtime defaults.
+PresetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--preset",
+        help="merge a params overlay over params.yaml: a name in presets/ (dtfd-mil, "
+        "dmsmil-paper; see `wsimil presets`) or a YAML file; --set still wins",
+    ),
+]
+
+
+def project(
+    params_path: Path, sets: list[str] | None = None, presets: list[str] | None = None
+) -> tuple[Params, Path]:
+    """Validate params.yaml (plus ``--preset`` overlays, then ``--set``); runtime defaults.
 
     Returns:
         The params with every path absolute under the project root, and the root.
@@ -74,15 +86,17 @@ def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, P
     Exits with one clear line when the file, a key or a value is bad.
     """
     from wsimil.config import with_overrides
+    from wsimil.presets import preset_file
     from wsimil.runtime import apply_runtime_defaults
 
+    root = params_path.resolve().parent
     try:
-        params = load_params(params_path, allow_empty=False)
+        overlays = [preset_file(root, name) for name in presets or []]
+        params = load_params(params_path, allow_empty=False, overlays=overlays)
         if sets:
             params = with_overrides(params, parse_sets(sets))
     except ConfigError as exc:
         fail(str(exc))
-    root = params_path.resolve().parent
     apply_runtime_defaults(root)
     return params.under(root), root
 
@@ -92,9 +106,13 @@ def warn(message: str) -> None:
 
 
 @app.command()
-def doctor(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def doctor(
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
     """Check params.yaml and print versions, device and where runs are tracked."""
-    params, root = project(params_path, sets)
+    params, root = project(params_path, sets, preset)
     import os
 
     import torch
@@ -110,11 +128,15 @@ def doctor(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml
 
 
 @app.command()
-def synth(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def synth(
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
     """Write the synthetic demo cohort: pyramidal TIFF slides, masks and slides.csv."""
     import os
 
-    params, _ = project(params_path, sets)
+    params, _ = project(params_path, sets, preset)
     from wsimil.synth import write_cohort
 
     out_dir = params.synth.out_dir
@@ -137,19 +159,25 @@ DaskOption = Annotated[
 
 @app.command()
 def tiles(
-    dask: DaskOption = None, sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")
+    dask: DaskOption = None,
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Select the densest 10x tiles and one 20x child each, per slide (Prefect flow)."""
-    params, _ = project(params_path, sets)
+    params, _ = project(params_path, sets, preset)
     _run_extraction("tiles", params, dask)
 
 
 @app.command()
 def features(
-    dask: DaskOption = None, sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")
+    dask: DaskOption = None,
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Embed the selected tiles into per-slide 10x/20x HDF5 feature caches (Prefect flow)."""
-    params, _ = project(params_path, sets)
+    params, _ = project(params_path, sets, preset)
     _run_extraction("features", params, dask)
 
 
@@ -203,9 +231,13 @@ def _run_extraction(which: str, params: Params, dask: str | None) -> None:
 
 
 @app.command()
-def splits(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def splits(
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
     """Write the patient-grouped, stratified folds every model family shares."""
-    params, root = project(params_path, sets)
+    params, root = project(params_path, sets, preset)
     from wsimil.train.bags import CohortError
     from wsimil.train.labels import LabelError
     from wsimil.train.splits import SplitError, split_cohort
@@ -253,10 +285,11 @@ def crossval(
         ),
     ] = None,
     sets: SetOption = None,
+    preset: PresetOption = None,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Cross-validate one model family on the shared folds; track it in MLflow."""
-    params, root = project(params_path, sets)
+    params, root = project(params_path, sets, preset)
     family = _family(params, model)
     from wsimil.experiment.project import crossval_runner
     from wsimil.train.bags import CohortError
@@ -278,12 +311,13 @@ def tune(
         bool, typer.Option("--init-only", help="create the study, start no trial")
     ] = False,
     sets: SetOption = None,
+    preset: PresetOption = None,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Optuna study over cross-validation for one model family (several workers may share it)."""
     import os
 
-    params, root = project(params_path, sets)
+    params, root = project(params_path, sets, preset)
     family = _family(params, model)
     from wsimil.experiment.project import prepare_study
     from wsimil.train.bags import CohortError
@@ -313,10 +347,11 @@ def tune(
 def register(
     model: ModelOption = None,
     sets: SetOption = None,
+    preset: PresetOption = None,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Register the tuned fold ensemble of one family in MLflow; gate the champion alias."""
-    params, root = project(params_path, sets)
+    params, root = project(params_path, sets, preset)
     family = _family(params, model)
     from wsimil.extract.replay import ExtractionError
     from wsimil.serve.publish import register_tuned
@@ -332,9 +367,13 @@ def register(
 
 
 @app.command()
-def models(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml")) -> None:
+def models(
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
     """List the model families --model takes: scales, config section, instance score, paper."""
-    params, _ = project(params_path, sets)
+    params, _ = project(params_path, sets, preset)
     from wsimil.models import MODELS
 
     rows = [("family", "scales", "config", "primary score", "paper")]
@@ -345,6 +384,39 @@ def models(sets: SetOption = None, params_path: ParamsOption = Path("params.yaml
     for *cols, paper in rows:
         typer.echo("  ".join([*(c.ljust(w) for c, w in zip(cols, widths, strict=True)), paper]))
     typer.echo(f"default: {params.model.name} (model.name); pick one with --model")
+
+
+@app.command()
+def presets(
+    name: Annotated[str | None, typer.Argument(help="a preset: print its keys")] = None,
+    dvc: Annotated[
+        bool, typer.Option("--dvc", help="print them as `dvc exp run` -S arguments, one line")
+    ] = False,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """List the presets (a paper's protocol as a params overlay), or show one.
+
+    `wsimil crossval --preset dtfd-mil` runs with one; for a DVC experiment:
+    `dvc exp run $(wsimil presets dtfd-mil --dvc)`.
+    """
+    from wsimil import presets as known
+    from wsimil.config import read_mapping
+
+    root = params_path.resolve().parent
+    if name is None:
+        for preset in known.names(root):
+            first = (root / known.PRESETS_DIR / f"{preset}.yaml").read_text().splitlines()[:1]
+            typer.echo(f"{preset:16s} {first[0].lstrip('# ') if first else ''}")
+        return
+    try:
+        path = known.preset_file(root, name)
+        if dvc:
+            typer.echo(" ".join(known.dvc_set_args(path)))
+            return
+        for key, value in known.flatten(read_mapping(path, allow_empty=False)).items():
+            typer.echo(f"{key}={value}")
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 @app.command()

@@ -8,6 +8,7 @@ receives these objects, never the YAML.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -229,6 +230,9 @@ class TrainConfig(Section):
     seed: int = Field(0, description="with the fold and trial, seeds initial weights and order")
     deterministic: bool = Field(
         False, description="deterministic torch kernels (GPU: slower; CPU is bit-exact anyway)"
+    )
+    max_grid_cells: int = Field(
+        1_000_000, ge=1, description="grid models: a bag's tile-grid extent (cols x rows)"
     )
 
 
@@ -457,13 +461,47 @@ def describe_validation_error(err: ValidationError, path: Path) -> str:
     return "\n".join(lines)
 
 
-def load_params(path: Path, *, allow_empty: bool = True) -> Params:
+def load_params(path: Path, *, allow_empty: bool = True, overlays: Sequence[Path] = ()) -> Params:
     """Read and validate a params file; raise :class:`ConfigError` with an actionable message.
 
     An empty file (or one of comments only) takes every default, unless ``allow_empty`` is
     False (the CLI): there it is more often a truncated file than a choice.
+
+    ``overlays`` are params files of a few keys each (the presets in ``presets/``), merged
+    over the file in order by :func:`merge_overlay`: a key an overlay names replaces the
+    file's, every other key stays. Each overlay is checked on its own first, so an unknown
+    key is reported against the overlay that has it.
     """
     path = Path(path)
+    raw = read_mapping(path, allow_empty=allow_empty)
+    for overlay in overlays:
+        layer = read_mapping(Path(overlay), allow_empty=False)
+        _validate(layer, Path(overlay))
+        raw = merge_overlay(raw, layer)
+    where = " + ".join(str(p) for p in (path, *overlays))
+    return _validate(raw, Path(where))
+
+
+def merge_overlay(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay`` merged in: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(raw: dict, path: Path) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, path)) from None
+
+
+def read_mapping(path: Path, *, allow_empty: bool) -> dict:
+    """The YAML mapping in ``path``; :class:`ConfigError` naming the file when it is not one."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -487,7 +525,4 @@ def load_params(path: Path, *, allow_empty: bool = True) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, path)) from None
+    return raw

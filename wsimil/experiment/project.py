@@ -17,7 +17,8 @@ from wsimil.experiment.crossval import CVResult, model_scales, run_crossval
 from wsimil.experiment.tracking import dvc_out_hash
 from wsimil.experiment.tune import check_space, init_study, make_storage, run_study, shown_url
 from wsimil.extract.cache import features_dir
-from wsimil.train.bags import CohortError, load_bags, read_cohort
+from wsimil.models import MODELS
+from wsimil.train.bags import CohortError, load_bags, read_cohort, too_wide_grids
 from wsimil.train.splits import read_splits
 
 Warn = Callable[[str], None]
@@ -43,6 +44,11 @@ def crossval_runner(params: Params, root: Path, family: str, *, warn: Warn) -> C
     features_root = features_dir(params.features.out_dir, params.features.extractor)
     scales = model_scales(family, params.model)
     bags, failed = load_bags(table, features_root, scales, splits_doc["classes"])
+    if MODELS[family].needs_grid(MODELS[family].section(params.model)):
+        limit = getattr(params.train, family).max_grid_cells
+        for sid, why in too_wide_grids(bags, limit, f"train.{family}.max_grid_cells").items():
+            failed[sid] = why
+            del bags[sid]
     for sid, why in failed.items():
         warn(f"slide {sid} left out of cross-validation: {why}")
     if len(bags) < len(table) // 2:

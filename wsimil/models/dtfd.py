@@ -80,11 +80,14 @@ class DTFD(MILModel):
         self._train_gen = torch.Generator().manual_seed(cfg.partition_seed)
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
-        """Tier 1 and tier 2 parameters: the reference clips each tier's gradient norm."""
-        tier1 = [*self.reduce.parameters(), *self.attention1.parameters()]
-        tier1 += list(self.classifier1.parameters())
+        """Gradient-norm clip groups, as ``Main_DTFD_MIL.py`` clips them (SPEC §3).
+
+        Each tier-1 module on its own (dimension reduction, attention, classifier), then
+        tier 2 as one group.
+        """
+        tier1 = [self.reduce, self.attention1, self.classifier1]
         tier2 = [*self.attention2.parameters(), *self.classifier2.parameters()]
-        return [tier1, tier2]
+        return [*(list(m.parameters()) for m in tier1), tier2]
 
     # --- pseudo-bags ----------------------------------------------------------------------
 

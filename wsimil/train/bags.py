@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from wsimil.extract.cache import SCALE_NAMES, BagError, bag_path, read_bag, read_pair
@@ -87,6 +88,34 @@ def load_bags(
         failed[sid] = why
         del bags[sid]
     return bags, failed
+
+
+def grid_cells(grid) -> int:
+    """The extent (cols x rows) of the tile grid a bag's ``(N, 2)`` positions span."""
+    grid = np.asarray(grid)  # a tensor's numpy view, or an array
+    if len(grid) == 0:
+        return 0
+    span = grid.max(axis=0) - grid.min(axis=0) + 1  # (cols, rows)
+    return int(span[0]) * int(span[1])
+
+
+def too_wide_grids(bags: dict[str, SlideBag], max_cells: int, key: str) -> dict[str, str]:
+    """Slides whose tile grid at some scale spans more than ``max_cells`` cells.
+
+    A grid model (DMSMIL, DAMIL) lays each scale out densely, so its memory grows with the
+    extent, not with the number of tiles; ``key`` is the setting that bounds it.
+    """
+    out = {}
+    for sid, bag in bags.items():
+        for s, grid in enumerate(bag.grid or ()):
+            cells = grid_cells(grid)
+            if cells > max_cells:
+                out[sid] = (
+                    f"slide {sid}: its scale-{s} tile grid spans {cells} cells, more than "
+                    f"{key}={max_cells}; raise {key} if the memory allows, or tile coarser"
+                )
+                break
+    return out
 
 
 def _other_dimension(bags: dict[str, SlideBag], paths: dict[str, list[Path]]) -> dict[str, str]:
