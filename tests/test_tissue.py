@@ -100,6 +100,10 @@ def test_grid_is_the_rule_recomputed_by_brute_force(pen_cohort, mpp, tile_px, ov
     keys = sel.grid_10x[:, 1] * 10**6 + sel.grid_10x[:, 0]
     assert (np.diff(keys) > 0).all()  # distinct parents, row-major
     assert len(np.unique(sel.parent_index)) == len(sel.coords_10x)  # none without a child
+    for (x, y), share in zip(sel.coords_10x, sel.density, strict=True):  # parents' tissue
+        assert share == pytest.approx(
+            level0[y : y + 2 * side, x : x + 2 * side].sum() / (2 * side) ** 2
+        )
 
 
 def test_tiles_stage_writes_mask_geojson_qc_and_clam_coords(pen_cohort, tmp_path):

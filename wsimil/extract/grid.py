@@ -77,15 +77,6 @@ def tissue_fractions(
     return covered / (side * side)
 
 
-def footprint_fractions(mask: np.ndarray, d: float, xy: np.ndarray, side: float) -> np.ndarray:
-    """(K,) share of each ``side`` square at level-0 top-left ``xy[k]`` under ``mask``."""
-    xy = np.asarray(xy, np.float64)
-    wx = interval_overlap(xy[:, 0], side, d, mask.shape[1])  # (K, w)
-    wy = interval_overlap(xy[:, 1], side, d, mask.shape[0])  # (K, h)
-    covered = ((wy @ mask.astype(np.float64)) * wx).sum(axis=1)  # (K,)
-    return covered / (side * side)
-
-
 def grid_edges(extent_level0: int, step_level0: float, side_level0: float) -> np.ndarray:
     """Level-0 starts of the whole tiles along one axis (row-major index order)."""
     n = int(np.floor((extent_level0 - side_level0) / step_level0 + 1e-9)) + 1
@@ -138,7 +129,10 @@ def select_tissue_tiles(slide: Slide, cfg):
     uniq, parent_index = np.unique(key, return_inverse=True)
     grid10 = np.stack([uniq % n_parent_cols, uniq // n_parent_cols], axis=1).astype(np.int64)
     coords10 = s10.origins(grid10)
-    parent_fraction = footprint_fractions(tm.mask, tm.downsample, coords10, s10.tile_size_level0)
+    p_side = s10.tile_size_level0  # the parents' tissue shares, from their whole grid
+    p_edges = [np.arange(int(grid10[:, i].max()) + 1) * p_side for i in (0, 1)]
+    parent_grid = tissue_fractions(tm.mask, tm.downsample, *p_edges, p_side)  # (rows, cols)
+    parent_fraction = parent_grid[grid10[:, 1], grid10[:, 0]]  # (P,)
     sel = Selection(
         slide_id=ref.slide_id,
         grid_10x=grid10,
