@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from wsimil import progress
 from wsimil.config import ConfigError, Params, as_written, load_params
 
 app = typer.Typer(
@@ -84,6 +85,10 @@ def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, P
         fail(str(exc))
     root = params_path.resolve().parent
     apply_runtime_defaults(root)
+    try:
+        progress.enabled()  # a bad WSIMIL_PROGRESS is one line here, not a flow's traceback
+    except ValueError as exc:
+        fail(str(exc))
     return params.under(root), root
 
 
@@ -370,6 +375,10 @@ def reproduce(
 
     root = params_path.resolve().parent
     apply_runtime_defaults(root)
+    try:
+        progress.enabled()  # a bad WSIMIL_PROGRESS is one line here, not a flow's traceback
+    except ValueError as exc:
+        fail(str(exc))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         report = rerun(
