@@ -37,6 +37,19 @@ def test_a_bad_setting_is_one_clear_error(monkeypatch):
         progress.enabled()
 
 
+def test_the_cli_names_a_bad_setting_before_it_starts(tmp_path):
+    (tmp_path / "params.yaml").write_text("tiles: {slides_csv: slides.csv}\n")
+    env = {**os.environ, progress.ENV: "maybe"}
+    done = subprocess.run(
+        [sys.executable, "-m", "wsimil", "tiles", "--params", str(tmp_path / "params.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: WSIMIL_PROGRESS='maybe': use 1 (bars on), 0 (off) or leave it unset"
+    ]
+
+
 def test_a_bar_is_silent_when_off_and_one_line_when_forced(monkeypatch):
     for value, most_lines in (("0", 0), ("1", 1)):
         monkeypatch.setenv(progress.ENV, value)

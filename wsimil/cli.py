@@ -85,11 +85,16 @@ def project(params_path: Path, sets: list[str] | None = None) -> tuple[Params, P
         fail(str(exc))
     root = params_path.resolve().parent
     apply_runtime_defaults(root)
+    check_progress_setting()
+    return params.under(root), root
+
+
+def check_progress_setting() -> None:
+    """A bad ``WSIMIL_PROGRESS`` is one line here, not a traceback inside a flow."""
     try:
-        progress.enabled()  # a bad WSIMIL_PROGRESS is one line here, not a flow's traceback
+        progress.enabled()
     except ValueError as exc:
         fail(str(exc))
-    return params.under(root), root
 
 
 def warn(message: str) -> None:
@@ -375,10 +380,7 @@ def reproduce(
 
     root = params_path.resolve().parent
     apply_runtime_defaults(root)
-    try:
-        progress.enabled()  # a bad WSIMIL_PROGRESS is one line here, not a flow's traceback
-    except ValueError as exc:
-        fail(str(exc))
+    check_progress_setting()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         report = rerun(
