@@ -27,8 +27,9 @@ decision logit (the log-odds W₁ − W₀ for two classes, the predicted class'
   slide the deformable attention carried them. It is computed in eval mode only (one extra
   forward and backward pass, :meth:`DMSMIL.attribution`).
 - ``scores["contribution"]`` is a^s/K · w·x̂^{s,j}, the exact additive share of the logit of
-  each *mixed* embedding x̂^{s,j}. It localises tumour no better than chance (demo
-  localisation AUC 0.49-0.62, against 0.9+ for ``attribution``), and not because of its sign,
+  each *mixed* embedding x̂^{s,j}. It localises tumour little better than chance (demo
+  localisation AUC 0.57-0.62 over two seeds and both scales, against 0.89-0.95 for
+  ``attribution``; README, "Reproducibility"), and not because of its sign,
   the fusion weights or its scale: a^s/K is one positive factor per slide and scale, so it
   cannot change a slide's ranking, and the AUC is computed per slide. The cause is the
   deformable mixing: x̂^{s,j} is what tile j *gathered* from the points it samples, and the
