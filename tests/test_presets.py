@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsimil.config import ConfigError, TilesConfig, load_params, merge_overlay, with_overrides
+from wsimil.config import ConfigError, load_params, merge_overlay, with_overrides
 from wsimil.presets import dvc_set_args, flatten, names, preset_file
 
 
@@ -84,10 +84,6 @@ def test_cli_runs_a_command_with_a_preset_and_lists_them(project):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "presets/nope.yaml" in bad.stderr
 
 
-@pytest.mark.skipif(
-    "rule" not in TilesConfig.model_fields,
-    reason="tiles.rule (the tissue tile rule, issue 15 part A) is not in wsimil/config.py yet",
-)
 def test_dtfd_mil_preset_sets_the_reference_protocol(project):
     p = load_params(project / "params.yaml", overlays=[preset_file(project, "dtfd-mil")])
     assert p.tiles.rule == "tissue"
@@ -100,17 +96,6 @@ def test_dtfd_mil_preset_sets_the_reference_protocol(project):
         200, 1e-4, 1e-4, "step", 0.5, 0.2,
     )  # fmt: skip
     assert t.grad_clip == 5.0
-
-
-def test_dtfd_mil_preset_names_only_known_keys_outside_the_tissue_rule(project):
-    """Until the tissue rule is merged, every other key of the preset must validate."""
-    tree = yaml.safe_load((project / "presets" / "dtfd-mil.yaml").read_text())
-    if "rule" not in TilesConfig.model_fields:
-        tree.pop("tiles")
-    other = project / "dtfd-rest.yaml"
-    other.write_text(yaml.safe_dump(tree))
-    p = load_params(project / "params.yaml", overlays=[other])
-    assert p.model.name == "dtfd" and p.train.dtfd.epochs == 200
 
 
 def test_dvc_applies_the_arguments_to_params_yaml_as_the_preset_does(project):

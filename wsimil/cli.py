@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from wsimil import progress
 from wsimil.config import ConfigError, Params, as_written, load_params
 
 app = typer.Typer(
@@ -98,7 +99,16 @@ def project(
     except ConfigError as exc:
         fail(str(exc))
     apply_runtime_defaults(root)
+    check_progress_setting()
     return params.under(root), root
+
+
+def check_progress_setting() -> None:
+    """A bad ``WSIMIL_PROGRESS`` is one line here, not a traceback inside a flow."""
+    try:
+        progress.enabled()
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def warn(message: str) -> None:
@@ -442,6 +452,7 @@ def reproduce(
 
     root = params_path.resolve().parent
     apply_runtime_defaults(root)
+    check_progress_setting()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         report = rerun(

@@ -7,6 +7,11 @@
   gets 120 s to start (Prefect's 20 s is too short on a busy 2-core machine). For the
   flows the CLI runs, :func:`prefect_api` starts that server itself, bound to the CLI's
   life: Prefect's own outlives a ``kill -9`` of its parent.
+- Prefect's console handler shows warnings and errors only
+  (``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=WARNING``): its INFO lines, two per slide
+  ("Finished in state Completed()"), stay out of the terminal but still reach the Prefect
+  UI and its run logs, whose handler is another (``api``). Set the variable to ``INFO`` to
+  see them on the console again.
 
 Anything already set in the environment wins, so a tracking server or PostgreSQL is one
 environment variable away.
@@ -33,7 +38,10 @@ TELEMETRY_OFF = {
 }
 
 
-PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # the api handler still gets INFO
+}
 
 
 def default_tracking_uri(root: Path) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsimil import progress
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
 from wsimil.experiment.tracking import RESOLVED_PARAMS, flatten, git_state, start_top_run
@@ -260,6 +261,7 @@ def run_crossval(
     resolved_params: dict | None = None,
     on_fold: Callable[[FoldResult], bool] | None = None,
     trial: int | None = None,
+    leave: bool = True,
 ) -> CVResult:
     """Cross-validate ``family`` on ``splits``; track everything in MLflow; write ``out_dir``.
 
@@ -275,25 +277,32 @@ def run_crossval(
         trial: the tuning trial's number (None outside a study); with the seed and the fold
             it seeds each fold's fit (:class:`wsimil.seeding.FitSeeds`); recorded as the
             param ``trial.number``.
+        leave: keep the progress bar (epochs over all folds, :mod:`wsimil.progress`) on
+            screen when done; a tuner's trials pass False.
     """
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
     tags = _run_tags(family, train_cfg, splits, scales, lineage, root)
     params = _run_params(family, model_cfg, train_cfg, splits, scales, trial)
     folds: list[FoldResult] = []
-    with start_top_run(experiment, run_name or f"{family}-cv") as parent:
+    epochs = train_cfg.epochs
+    bar = progress.bar(len(splits["folds"]) * epochs, f"{family} crossval", "epoch", leave=leave)
+    with bar, start_top_run(experiment, run_name or f"{family}-cv") as parent:
         mlflow.set_tags({**tags, "run_kind": "crossval"})
         mlflow.log_params(params)
-        for fold in splits["folds"]:
+        for i, fold in enumerate(splits["folds"]):
+            bar.set_postfix_str(f"fold {fold['fold']}")
             with mlflow.start_run(run_name=f"{family}-fold{fold['fold']}", nested=True):
                 mlflow.set_tags({**tags, "run_kind": "fold", "fold": str(fold["fold"])})
                 mlflow.log_params(params)
                 result = run_fold(
                     family, model_cfg, train_cfg, fold, bags, classes,
-                    on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), trial=trial,
+                    on_epoch=lambda e, m: (mlflow.log_metrics(m, step=e), bar.update()),
+                    trial=trial,
                 )  # fmt: skip
                 _log_fold(result)
                 folds.append(result)
+            bar.update((i + 1) * epochs - bar.n)  # early stopping skips the fold's last epochs
             if on_fold is not None and not on_fold(result):
                 break
         summary = summarize([f.metrics for f in folds])

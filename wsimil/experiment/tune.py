@@ -28,6 +28,7 @@ from pathlib import Path
 import mlflow
 import optuna
 
+from wsimil import progress
 from wsimil.config import ConfigError, Params, SearchParam, with_overrides
 from wsimil.experiment.crossval import CVResult, FoldResult
 from wsimil.experiment.tracking import start_top_run
@@ -195,6 +196,7 @@ def run_study(
                 run_name=f"{family}-trial{trial.number}",
                 on_fold=_trial_callback(trial),
                 trial=trial.number,
+                leave=False,  # under the trials' bar
             )
         trial.set_user_attr("mlflow_run_id", cv.parent_run_id)
         client.set_tag(cv.parent_run_id, "trial_number", str(trial.number))
@@ -206,13 +208,17 @@ def run_study(
         return cv.summary["auc_mean"]
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout_s,
-        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished)],
-        catch=(),
-    )
+    with progress.bar(n_trials, f"{family} tune", "trial") as bar:
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout_s,
+            callbacks=[
+                optuna.study.MaxTrialsCallback(n_trials, states=finished),
+                lambda study, trial: bar.update(),
+            ],
+            catch=(),
+        )
     return write_best(study, family, out_dir, client, parent_id)
 
 

@@ -28,6 +28,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from wsimil import progress
 from wsimil.config import FeaturesConfig, TilesConfig
 from wsimil.extract.report import SlideOutcome, write_report
 from wsimil.extract.runners import deployment_runner
@@ -169,7 +170,11 @@ def select_tiles(tiles: TilesConfig = TilesConfig()) -> list[SlideOutcome]:
     except SlideError as exc:
         return Failed(message=str(exc))
     futures = tiles_task.map(refs, unmapped(tiles))
-    outcomes = [_outcome(ref, f) for ref, f in zip(refs, futures, strict=True)]
+    outcomes = []
+    with progress.bar(len(refs), "tiles", "slide") as bar:
+        for ref, future in zip(refs, futures, strict=True):
+            outcomes.append(_outcome(ref, future))
+            bar.update()
     _log(outcomes)
     summary = {
         "step": "tiles",
@@ -201,9 +206,11 @@ def extract_features(
         refs, tile_futures, unmapped(tiles), unmapped(features), unmapped(root)
     )
     outcomes = []
-    for ref, tf, ff in zip(refs, tile_futures, feature_futures, strict=True):
-        tiled = _outcome(ref, tf)
-        outcomes.append(tiled if tiled.status == "failed" else _outcome(ref, ff))
+    with progress.bar(len(refs), "features", "slide") as bar:
+        for ref, tf, ff in zip(refs, tile_futures, feature_futures, strict=True):
+            tiled = _outcome(ref, tf)
+            outcomes.append(tiled if tiled.status == "failed" else _outcome(ref, ff))
+            bar.update()
     _log(outcomes)
     summary = {
         "step": "features",
