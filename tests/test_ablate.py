@@ -75,6 +75,7 @@ def test_a_bad_grid_is_one_clear_error(tmp_path):
         resolve_grid(Params(), "dmsmil", str(bad))
 
 
+@pytest.mark.slow  # the CLI twice on the shared tiny project (built once per session)
 def test_a_tiny_grid_is_tracked_tabled_plotted_and_resumed(tiny_project, tmp_path):
     grid = {
         "reference": "full",
