@@ -354,6 +354,52 @@ def tune(
 
 
 @app.command()
+def ablate(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="dmsmil or dtfd (the named grids' family)")
+    ] = "dmsmil",
+    grid: Annotated[
+        str | None,
+        typer.Option(
+            "--grid",
+            "-g",
+            help="a named grid (dmsmil: tables, lambda; dtfd: distill), an ablate.grids "
+            "entry, or a grid YAML file; default: tables (dmsmil), distill (dtfd)",
+        ),
+    ] = None,
+    sets: SetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Cross-validate every cell of an ablation grid on the shared folds; table + plot."""
+    import time
+
+    params, root = project(params_path, sets)
+    family = _family(params, model)
+    from wsimil.experiment.ablate import resolve_grid, run_grid
+    from wsimil.experiment.project import crossval_runner
+    from wsimil.train.bags import CohortError
+    from wsimil.train.splits import SplitError
+
+    start = time.perf_counter()
+    with _failing(ConfigError, CohortError, SplitError):
+        name, spec = resolve_grid(params, family, grid)
+        doc = run_grid(
+            params,
+            family,
+            name,
+            spec,
+            lambda p, fam: crossval_runner(p, root, fam, warn=warn),
+            say=typer.echo,
+        )
+    typer.echo((doc["out_dir"] / "table.md").read_text().rstrip())
+    typer.echo(
+        f"grid {name}: {len(doc['ran'])} cells run, {len(doc['skipped'])} skipped (finished) "
+        f"in {time.perf_counter() - start:.0f} s; MLflow run {doc['parent_run_id']}; "
+        f"table and plot in {as_written(doc['out_dir'], root)}"
+    )
+
+
+@app.command()
 def register(
     model: ModelOption = None,
     sets: SetOption = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -278,6 +278,42 @@ class SearchParam(Section):
         return self
 
 
+class AblateCell(Section):
+    """One cell of an ablation grid: a model family and the params keys it changes."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.=+-]+$", description="folder name")
+    family: Literal["abmil", "dtfd", "damil", "dmsmil"] | None = None  # None: the grid's model
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted params keys")
+    x: float | None = Field(None, description="the swept value, for the plot's x axis")
+    series: str | None = Field(None, description="the plot's line this cell belongs to")
+
+
+class AblateGrid(Section):
+    """An ablation grid (`wsimil ablate`): cells cross-validated on the shared folds."""
+
+    reference: str = Field(description="the cell every other one is compared with, paired")
+    cells: list[AblateCell] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> AblateGrid:
+        names = [c.name for c in self.cells]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"cell names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}"
+            )
+        if self.reference not in names:
+            raise ValueError(f"reference '{self.reference}' is not a cell; name one of {names}")
+        return self
+
+
+class AblateConfig(Section):
+    """Ablation grids (`wsimil ablate`): where they go and how differences are bounded."""
+
+    out_dir: Path = Path("results/ablate")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided CI of Δ vs reference")
+    grids: dict[str, AblateGrid] = Field(default_factory=dict, description="custom grids")
+
+
 class TuneConfig(Section):
     """Optuna over cross-validation (`wsimil tune --model <family>`).
 
@@ -359,6 +395,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     train: TrainSection = TrainSection()
     tune: TuneConfig = TuneConfig()
+    ablate: AblateConfig = AblateConfig()
     registry: RegistryConfig = RegistryConfig()  # `register` would shadow ABC.register
     serve: ServeConfig = ServeConfig()
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil.config import ChampionGateConfig
-from wsimil.train.metrics import auc
+from wsimil.train.metrics import auc, paired_folds
 
 SEED = 0  # fixed, so the same two models always get the same verdict (and it cannot be re-rolled)
 
@@ -142,24 +142,6 @@ def _binary_resampled_auc(y: np.ndarray, score: np.ndarray, draws: list[np.ndarr
     counts = np.stack([np.bincount(idx, minlength=len(y)) for idx in draws])  # (B, n)
     cp, cn = counts[:, pos].astype(float), counts[:, neg].astype(float)  # (B, P), (B, N)
     return np.einsum("bp,pn,bn->b", cp, wins, cn) / (cp.sum(1) * cn.sum(1))
-
-
-def paired_folds(
-    auc_new: dict[int, float], auc_old: dict[int, float], *, confidence: float
-) -> tuple[float, float, float, int]:
-    """Mean per-fold AUC difference, its corrected-t one-sided bounds, and the folds used.
-
-    Folds where either AUC is NaN (a test fold with one class) are left out of both.
-    """
-    from scipy.stats import t
-
-    d = np.array([auc_new[f] - auc_old[f] for f in sorted(auc_new) if f in auc_old], dtype=float)
-    d = d[np.isfinite(d)]
-    k = len(d)
-    if k < 2:
-        return math.nan, math.nan, math.nan, k
-    half = t.ppf(confidence, k - 1) * d.std(ddof=1) * math.sqrt(1 / k + 1 / (k - 1))
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), k
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 
@@ -70,3 +72,23 @@ def summarize(per_fold: list[dict]) -> dict:
         out[f"{m}_mean"] = float(np.nanmean(values))
         out[f"{m}_std"] = float(np.nanstd(values))
     return out
+
+
+def paired_folds(
+    auc_new: dict[int, float], auc_old: dict[int, float], *, confidence: float
+) -> tuple[float, float, float, int]:
+    """Mean per-fold difference new − old of one metric, its one-sided bounds, the folds used.
+
+    The bounds are a paired t over the shared folds with the Nadeau-Bengio correction for
+    overlapping training sets; a version against itself gives exactly (0, 0, 0). Folds
+    where either value is NaN (an AUC on a test fold with one class) are left out of both.
+    """
+    from scipy.stats import t
+
+    d = np.array([auc_new[f] - auc_old[f] for f in sorted(auc_new) if f in auc_old], dtype=float)
+    d = d[np.isfinite(d)]
+    k = len(d)
+    if k < 2:
+        return math.nan, math.nan, math.nan, k
+    half = t.ppf(confidence, k - 1) * d.std(ddof=1) * math.sqrt(1 / k + 1 / (k - 1))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), k
