@@ -389,6 +389,51 @@ def reproduce(
 
 
 @app.command()
+def init(
+    target: Annotated[Path, typer.Argument(help="the new project folder")],
+    slides: Annotated[Path, typer.Option("--slides", help="the folder holding the slide files")],
+    labels: Annotated[
+        Path, typer.Option("--labels", help="a CSV: one row per slide, its id and label")
+    ],
+    slide_column: Annotated[str, typer.Option(help="slide id (file name, suffix optional)")] = (
+        "slide_id"
+    ),
+    label_column: Annotated[str, typer.Option()] = "label",
+    patient_column: Annotated[
+        str | None, typer.Option(help="patient id (default: each slide is its own patient)")
+    ] = None,
+    dvc_add: Annotated[
+        bool,
+        typer.Option(
+            "--dvc-add", help="copy the slides into the project and track them with `dvc add`"
+        ),
+    ] = False,
+) -> None:
+    """Scaffold a project for your own slides: params.yaml, dvc.yaml, DVC remote, README."""
+    import shutil
+
+    from wsimil.experiment.scaffold import InitError, cohort_table, init_project
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    try:
+        table = cohort_table(
+            slides, labels, slide_column=slide_column, label_column=label_column,
+            patient_column=patient_column,
+        )  # fmt: skip
+        where = init_project(target, table, dvc_add=dvc_add, dvc=dvc)
+    except InitError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        typer.echo("nothing written", err=True)
+        raise typer.Exit(2) from None
+    counts = table["label"].value_counts().sort_index()
+    typer.echo(
+        f"wrote {where}: {len(table)} slides ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+        f", {table['patient_id'].nunique()} patients; next: cd {target} && dvc repro"
+    )
+
+
+@app.command()
 def predict(
     model_uri: Annotated[
         str, typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/…")
