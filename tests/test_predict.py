@@ -215,3 +215,15 @@ def test_evaluate_names_unlabelled_slides(predicted, tmp_path):
     with pytest.raises(EvaluateError, match="no label for predicted slide"):
         evaluate(report.out_dir / "predictions.csv", labels, tmp_path / "e", cohort="x",
                  track=False)  # fmt: skip
+
+
+def test_served_geojson_needs_positions_and_a_boolean(cohort):
+    from mlflow.exceptions import MlflowException
+
+    _, _, uri, fitted, _, _ = cohort
+    model = mlflow.pyfunc.load_model(uri)
+    row = {"bag_id": "b", "features_20x": fitted.held_out[0].x[0].numpy().tolist()}
+    with pytest.raises(MlflowException, match="send coords_20x"):
+        model.predict(pd.DataFrame([row]), params={"geojson": True})
+    (plain,) = model.predict(pd.DataFrame([row]))
+    assert "geojson" not in plain
