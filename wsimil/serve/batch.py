@@ -177,9 +177,15 @@ def predict_cohort(
     out_dir = Path(out_dir)
     name, version = model_version(model_uri)
     slide_files = [i.slide_path for i in items if i.slide_path is not None]
+    saved = os.environ.get(SLIDE_ROOT_ENV)
     if slide_files and not any(i.features for i in items):  # the server's own slide rule
         os.environ[SLIDE_ROOT_ENV] = os.path.commonpath([str(p.parent) for p in slide_files])
-    model = mlflow.pyfunc.load_model(model_uri)
+    try:  # the model reads the slide root once, at load
+        model = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        os.environ.pop(SLIDE_ROOT_ENV, None)
+        if saved is not None:
+            os.environ[SLIDE_ROOT_ENV] = saved
     ensemble = model.unwrap_python_model().ensemble
     classes, scales = list(ensemble.classes), tuple(ensemble.scales)
     rows, failed = [], []
