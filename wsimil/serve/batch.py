@@ -278,11 +278,13 @@ def _write_slide_files(item: SlideInput, answer: dict, out_dir: Path, montage_k:
         image = None
         if slide is not None:
             image, ds = thumbnail(slide)
-        p_label = answer["probabilities"][answer["label"]]
-        title = (
-            f"{item.slide_id}: predicted {answer['label']} (p = {p_label:.3f}, threshold "
-            f"{answer['threshold']:.3f})"
-        )
+        title = f"{item.slide_id}: predicted {answer['label']}"
+        probs, threshold = answer["probabilities"], answer["threshold"]
+        if len(probs) == 2 and threshold is not None:  # the threshold is on the last class
+            last = list(probs)[-1]
+            title += f" (p({last}) = {probs[last]:.3f}, threshold {threshold:.3f})"
+        else:
+            title += f" (p = {probs[answer['label']]:.3f})"
         for scale, top in answer["top_instances"].items():
             coords = np.array([[t["x"], t["y"]] for t in top], dtype=np.float64).reshape(-1, 2)
             grid = np.array([[t["col"], t["row"]] for t in top]).reshape(-1, 2)
