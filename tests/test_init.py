@@ -111,7 +111,7 @@ def test_init_then_dvc_repro_through_crossval(source, tmp_path):
         family.update(epochs=2, device="cpu")
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     load_params(project / "params.yaml", allow_empty=False)  # still valid
-    env = clean_env(project)
+    env = clean_env(project, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")  # loaded CI
     run([str(BIN / "dvc"), "repro", "crossval@abmil"], project, env, timeout=900)
     metrics = yaml.safe_load((project / "results/crossval/abmil/metrics.json").read_text())
     assert metrics  # a cross-validation over the real and synthetic slides
