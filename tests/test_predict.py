@@ -227,3 +227,26 @@ def test_served_geojson_needs_positions_and_a_boolean(cohort):
         model.predict(pd.DataFrame([row]), params={"geojson": True})
     (plain,) = model.predict(pd.DataFrame([row]))
     assert "geojson" not in plain
+
+
+def test_evaluate_cli_prints_both_levels_with_cis(cohort, predicted, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsimil.cli import app
+
+    root, _, _, fitted, _, _ = cohort
+    labels = tmp_path / "labels.csv"
+    truth = ["tumour" if b.label else "normal" for b in fitted.held_out]
+    pd.DataFrame({"slide_id": [b.slide_id for b in fitted.held_out], "label": truth}).to_csv(
+        labels, index=False
+    )
+    args = ["evaluate", "--predictions", str(predicted.out_dir / "predictions.csv"),
+            "--labels", str(labels), "--out", str(tmp_path / "e"), "--cohort", "cli-test",
+            "--params", str(root / "params.yaml")]  # fmt: skip
+    with isolated_store(root):
+        done = CliRunner().invoke(app, args)
+        bad = CliRunner().invoke(app, [*args, "--cohort", "a b"])  # the last --cohort wins
+    assert done.exit_code == 0, done.output
+    assert "cli-test slide level (n = 4): ACC" in done.stdout
+    assert "cli-test patient level (n = 3): ACC" in done.stdout and "MLflow run" in done.stdout
+    assert bad.exit_code == 2 and "--cohort 'a b'" in bad.stderr
