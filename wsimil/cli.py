@@ -466,7 +466,7 @@ def predict(
         fail("give --slides DIR|slides.csv or --features DIR")
     with _failing(PredictError):
         items = slide_inputs(slides, features)
-    report = predict_cohort(model_uri, items, out, montage_k=montage_k, warn=warn)
+        report = predict_cohort(model_uri, items, out, montage_k=montage_k, warn=warn)
     for slide_id, error in report.failed:
         typer.echo(f"error: slide {slide_id}: {error}", err=True)
     typer.echo(

@@ -175,13 +175,21 @@ def predict_cohort(
     from wsimil.extract.cache import BagError
 
     out_dir = Path(out_dir)
-    name, version = model_version(model_uri)
+    try:
+        name, version = model_version(model_uri)
+    except MlflowException as exc:
+        raise PredictError(f"--model {model_uri}: {_one_line(exc)}") from None
     slide_files = [i.slide_path for i in items if i.slide_path is not None]
     saved = os.environ.get(SLIDE_ROOT_ENV)
     if slide_files and not any(i.features for i in items):  # the server's own slide rule
         os.environ[SLIDE_ROOT_ENV] = os.path.commonpath([str(p.parent) for p in slide_files])
     try:  # the model reads the slide root once, at load
         model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise PredictError(
+            f"--model {model_uri}: cannot load it ({_one_line(exc)}); check the name, version "
+            "or alias and MLFLOW_TRACKING_URI"
+        ) from None
     finally:
         os.environ.pop(SLIDE_ROOT_ENV, None)
         if saved is not None:
