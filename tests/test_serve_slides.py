@@ -9,6 +9,8 @@ pipeline wrote for that slide.
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -71,3 +73,29 @@ def test_slide_path_replays_the_pipelines_two_scale_extraction(
             np.testing.assert_allclose(
                 [i["score"] for i in mine], [i["score"] for i in top], atol=1e-5
             )
+
+
+def test_predict_on_slides_equals_predict_on_their_caches(registered, tiny_project, tmp_path):
+    """`wsimil predict --slides` (the model embeds) = `--features` (the pipeline's caches)."""
+    uri = f"models:/wsimil-dmsmil/{registered.version}"
+    cohort = tiny_project / "data" / "cohort"
+    table = pd.read_csv(cohort / "slides.csv").head(3)
+    table.to_csv(tmp_path / "slides.csv", index=False)
+    (tmp_path / "slides").symlink_to(cohort / "slides")
+    features = tiny_project / "data" / "features" / "resnet18"
+    by_slide, by_cache = tmp_path / "by-slide", tmp_path / "by-cache"
+    wsimil(["predict", "--model", uri, "--slides", str(tmp_path / "slides.csv"), "--out",
+            str(by_slide)], tiny_project)  # fmt: skip
+    wsimil(["predict", "--model", uri, "--features", str(features), "--out", str(by_cache)],
+           tiny_project)  # fmt: skip
+    a = pd.read_csv(by_slide / "predictions.csv").set_index("slide_id")
+    b = pd.read_csv(by_cache / "predictions.csv").set_index("slide_id").loc[a.index]
+    np.testing.assert_allclose(a["p_tumour"], b["p_tumour"], atol=1e-5)
+    assert (a["label"] == b["label"]).all() and (a["model_version"] == registered.version).all()
+    for sid in a.index:
+        for scale in ("10x", "20x"):
+            assert (by_slide / "heatmaps" / f"{sid}_{scale}.png").stat().st_size > 0
+        assert (by_slide / "montages" / f"{sid}.png").stat().st_size > 0
+        doc = json.loads((by_slide / "geojson" / f"{sid}.geojson").read_text())
+        scales = {f["properties"]["scale"] for f in doc["features"]}
+        assert scales == {"10x", "20x"}

@@ -517,6 +517,143 @@ def reproduce(
     typer.echo(report.verdict())
 
 
+@app.command()
+def init(
+    target: Annotated[Path, typer.Argument(help="the new project folder")],
+    slides: Annotated[Path, typer.Option("--slides", help="the folder holding the slide files")],
+    labels: Annotated[
+        Path, typer.Option("--labels", help="a CSV: one row per slide, its id and label")
+    ],
+    slide_column: Annotated[str, typer.Option(help="slide id (file name, suffix optional)")] = (
+        "slide_id"
+    ),
+    label_column: Annotated[str, typer.Option()] = "label",
+    patient_column: Annotated[
+        str | None, typer.Option(help="patient id (default: each slide is its own patient)")
+    ] = None,
+    dvc_add: Annotated[
+        bool,
+        typer.Option(
+            "--dvc-add", help="copy the slides into the project and track them with `dvc add`"
+        ),
+    ] = False,
+) -> None:
+    """Scaffold a project for your own slides: params.yaml, dvc.yaml, DVC remote, README."""
+    import shutil
+
+    from wsimil.experiment.scaffold import InitError, cohort_table, init_project
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    try:
+        table = cohort_table(
+            slides, labels, slide_column=slide_column, label_column=label_column,
+            patient_column=patient_column,
+        )  # fmt: skip
+        where = init_project(target, table, dvc_add=dvc_add, dvc=dvc)
+    except InitError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        typer.echo("nothing written", err=True)
+        raise typer.Exit(2) from None
+    counts = table["label"].value_counts().sort_index()
+    typer.echo(
+        f"wrote {where}: {len(table)} slides ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+        f", {table['patient_id'].nunique()} patients; next: cd {target} && dvc repro"
+    )
+
+
+@app.command()
+def predict(
+    model_uri: Annotated[
+        str, typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/…")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="folder for predictions and pictures")],
+    slides: Annotated[
+        Path | None,
+        typer.Option("--slides", help="a folder of slide files or a slides.csv (patient_id kept)"),
+    ] = None,
+    features: Annotated[
+        Path | None,
+        typer.Option("--features", help="feature caches <DIR>/<scale>/<slide>.h5 (no slides read)"),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="a label table: also run `wsimil evaluate`")
+    ] = None,
+    montage_k: Annotated[int, typer.Option(min=0, help="tiles in each top-k montage")] = 8,
+    cohort: Annotated[str, typer.Option(help="the cohort's name (with --labels)")] = "external",
+    label_column: Annotated[str, typer.Option(help="with --labels")] = "label",
+    slide_column: Annotated[str, typer.Option(help="with --labels")] = "slide_id",
+    patient_column: Annotated[str | None, typer.Option(help="with --labels")] = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Score slides offline with a registered model, as its server would; heatmaps, GeoJSON."""
+    from wsimil.runtime import apply_runtime_defaults
+    from wsimil.serve.batch import PredictError, predict_cohort, slide_inputs
+
+    apply_runtime_defaults(params_path.resolve().parent)
+    if slides is None and features is None:
+        fail("give --slides DIR|slides.csv or --features DIR")
+    with _failing(PredictError):
+        items = slide_inputs(slides, features)
+        report = predict_cohort(model_uri, items, out, montage_k=montage_k, warn=warn)
+    for slide_id, error in report.failed:
+        typer.echo(f"error: slide {slide_id}: {error}", err=True)
+    typer.echo(
+        f"predict: {len(items)} slides, {len(report.predictions)} scored, "
+        f"{len(report.failed)} failed; {len(report.patients)} patients -> {out}"
+    )
+    if labels is not None and len(report.predictions):
+        _evaluate(out / "predictions.csv", labels, out / "evaluation", cohort,
+                  slide_column, label_column, patient_column)  # fmt: skip
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[
+        Path, typer.Option("--predictions", help="the predictions.csv `wsimil predict` wrote")
+    ],
+    labels: Annotated[Path, typer.Option("--labels", help="the held-out cohort's label table")],
+    out: Annotated[Path, typer.Option("--out", help="folder for metrics.json and plots")],
+    cohort: Annotated[str, typer.Option(help="the cohort's name (run and version tag)")] = (
+        "external"
+    ),
+    label_column: Annotated[str, typer.Option()] = "label",
+    slide_column: Annotated[str, typer.Option()] = "slide_id",
+    patient_column: Annotated[
+        str | None, typer.Option(help="default: predictions.csv's patient_id")
+    ] = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """External validation: ACC, F1, AUC with bootstrap 95 % CIs per slide and patient."""
+    from wsimil.runtime import apply_runtime_defaults
+
+    apply_runtime_defaults(params_path.resolve().parent)
+    _evaluate(predictions, labels, out, cohort, slide_column, label_column, patient_column)
+
+
+def _evaluate(predictions, labels, out, cohort, slide_column, label_column, patient_column):
+    import re
+
+    from wsimil.serve.evaluate import EvaluateError
+    from wsimil.serve.evaluate import evaluate as run_evaluation
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cohort):
+        fail(f"--cohort {cohort!r}: use letters, digits, '_', '-' or '.' (it names a tag)")
+    with _failing(EvaluateError):
+        doc = run_evaluation(
+            predictions, labels, out, cohort=cohort, slide_column=slide_column,
+            label_column=label_column, patient_column=patient_column,
+        )  # fmt: skip
+    for level in ("slide", "patient"):
+        d = doc[level]
+        parts = [f"{m.upper()} {d[m]['value']:.3f} [{d[m]['low']:.3f}, {d[m]['high']:.3f}]"
+                 for m in ("acc", "f1", "auc")]  # fmt: skip
+        typer.echo(f"{cohort} {level} level (n = {d['n']}): {'  '.join(parts)}")
+    typer.echo(f"95 % bootstrap CIs; MLflow run {doc['run_id']}; {out / 'metrics.json'}")
+
+
 @contextlib.contextmanager
 def _failing(*errors: type[Exception]):
     """A stage's expected errors (each names what to fix) as one ``error:`` line, exit 2."""

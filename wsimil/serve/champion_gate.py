@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil.config import ChampionGateConfig
-from wsimil.train.metrics import auc, paired_folds
+from wsimil.train.metrics import auc, paired_folds, resampled_auc, stratified_draws
 
 SEED = 0  # fixed, so the same two models always get the same verdict (and it cannot be re-rolled)
 
@@ -115,33 +115,13 @@ def paired_bootstrap(
 
     Each resample draws, within each label, as many slides as it has, with replacement.
     """
-    rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(y == k) for k in np.unique(y)]
-    draws = [
-        np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
-        for _ in range(resamples)
-    ]
-    if proba_new.shape[1] == 2 and len(strata) == 2:
-        diffs = _binary_resampled_auc(y, proba_new[:, 1], draws) - _binary_resampled_auc(
-            y, proba_old[:, 1], draws
-        )
+    draws = stratified_draws(y, resamples, seed)
+    if proba_new.shape[1] == 2 and len(np.unique(y)) == 2:
+        diffs = resampled_auc(y, proba_new[:, 1], draws) - resampled_auc(y, proba_old[:, 1], draws)
     else:
         diffs = np.array([auc(y[i], proba_new[i]) - auc(y[i], proba_old[i]) for i in draws])
     low, high = np.quantile(diffs, [1 - confidence, confidence])
     return Bootstrap(auc(y, proba_new) - auc(y, proba_old), float(low), float(high), diffs)
-
-
-def _binary_resampled_auc(y: np.ndarray, score: np.ndarray, draws: list[np.ndarray]) -> np.ndarray:
-    """The AUC of each resample (Mann–Whitney: ties count one half), all at once.
-
-    Equal to ``roc_auc_score`` on ``y[idx], score[idx]`` for each ``idx`` of ``draws``: a
-    resample's AUC is the count-weighted share of (positive, negative) pairs ranked right.
-    """
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    wins = (score[pos, None] > score[None, neg]) + 0.5 * (score[pos, None] == score[None, neg])
-    counts = np.stack([np.bincount(idx, minlength=len(y)) for idx in draws])  # (B, n)
-    cp, cn = counts[:, pos].astype(float), counts[:, neg].astype(float)  # (B, P), (B, N)
-    return np.einsum("bp,pn,bn->b", cp, wins, cn) / (cp.sum(1) * cn.sum(1))
 
 
 @dataclass(frozen=True)

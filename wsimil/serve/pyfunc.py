@@ -12,7 +12,9 @@ and the serve settings (:class:`wsimil.config.ServeConfig`) from the model confi
 the ``SERVING_MODEL_CONFIG`` environment variable (JSON) can override when serving.
 
 Request: one row per bag (``dataframe_records``), columns in :mod:`wsimil.serve.requests`;
-the request parameter ``top_k`` sets how many top instances come back per scale.
+the request parameter ``top_k`` sets how many top instances come back per scale, and
+``geojson: true`` adds ``"geojson"``: every tile with its score as a QuPath measurement
+(:mod:`wsimil.serve.tile_geojson`; the request must carry ``coords_<s>`` or a slide).
 Answer, one object per bag::
 
     {"bag_id": "s1", "probabilities": {"normal": 0.1, "tumour": 0.9}, "label": "tumour",
@@ -51,6 +53,7 @@ from wsimil.config import ServeConfig
 from wsimil.serve.fold_ensemble import FoldEnsemble
 from wsimil.serve.limits import guard_scoring_server
 from wsimil.serve.requests import BagRequest, Limits, RequestError, parse_bags
+from wsimil.serve.tile_geojson import bag_geojson
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
     ) -> list[dict[str, Any]]:
         try:
             top_k = _top_k(params, self.settings.top_instances)
+            geojson = _flag(params, "geojson")
             bags = parse_bags(
                 as_table(model_input),
                 self.ensemble.scales,
@@ -102,11 +106,11 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
                 needs_grid=self.ensemble.needs_grid,
                 slide_root=self.slide_root,
             )
-            return [self.answer(bag, top_k) for bag in bags]
+            return [self.answer(bag, top_k, geojson=geojson) for bag in bags]
         except RequestError as exc:
             raise MlflowException(str(exc), error_code=ERROR_CODES[exc.status]) from None
 
-    def answer(self, bag: BagRequest, top_k: int) -> dict:
+    def answer(self, bag: BagRequest, top_k: int, *, geojson: bool = False) -> dict:
         """One bag's answer (see the module docstring)."""
         x, grid, coords = bag.x, bag.grid, bag.coords
         if bag.slide_path is not None:
@@ -119,6 +123,14 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
             for i, scale in enumerate(self.ensemble.scales)
         }
         p = result.probabilities
+        extra = {}
+        if geojson:
+            try:
+                extra["geojson"] = bag_geojson(
+                    bag.bag_id, name, self.ensemble.scales, scores, coords, grid
+                )
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
         return {
             "bag_id": bag.bag_id,
             "probabilities": {c: float(v) for c, v in zip(self.ensemble.classes, p, strict=True)},
@@ -127,6 +139,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
             "n_instances": {s: int(len(a)) for s, a in zip(self.ensemble.scales, x, strict=True)},
             "instance_score": name,
             "top_instances": top,
+            **extra,
         }
 
     def _embed(self, bag: BagRequest):
@@ -174,6 +187,13 @@ def _top_k(params: dict | None, default: int) -> int:
     return int(value)
 
 
+def _flag(params: dict | None, key: str) -> bool:
+    value = (params or {}).get(key, False)
+    if not isinstance(value, bool | np.bool_):
+        raise RequestError(f"params.{key} must be true or false, got {value!r}")
+    return bool(value)
+
+
 def top_instances(
     scores: np.ndarray, k: int, coords: np.ndarray | None, grid: np.ndarray | None
 ) -> list[dict]:
@@ -215,7 +235,12 @@ def request_signature(scales: tuple[str, ...], top_k: int):
             ColSpec(AnyType(), f"coords_{s}", required=False),  # (N, 2) integers
         ]
     cols.append(ColSpec(DataType.string, "slide_path", required=False))
-    params = ParamSchema([ParamSpec("top_k", DataType.long, int(top_k))])
+    params = ParamSchema(
+        [
+            ParamSpec("top_k", DataType.long, int(top_k)),
+            ParamSpec("geojson", DataType.boolean, False),
+        ]
+    )
     return ModelSignature(inputs=Schema(cols), params=params)
 
 
