@@ -69,6 +69,21 @@ def test_one_pass_equals_separate_forwards(name, n_classes):
                 torch.testing.assert_close(scores[key][s][k], expected, atol=1e-6, rtol=0)
 
 
+def test_concurrent_requests_each_get_their_own_answer():
+    """The scoring server calls predict from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = fold_models("dmsmil", 2)
+    stacked = StackedFolds(models)
+    batches = [collate(*bags_of("dmsmil", [6 + i], seed=i)) for i in range(8)]
+    with torch.inference_mode():
+        alone = [stacked(b)[0] for b in batches]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda b: stacked(b)[0], batches * 3))
+    for i, got in enumerate(together):
+        torch.testing.assert_close(got, alone[i % len(batches)], atol=0, rtol=0)
+
+
 def test_stacking_refuses_mixed_families_and_training_mode():
     a, b = fold_models("abmil", 2)[0], fold_models("dtfd", 2)[0]
     with pytest.raises(ValueError, match="share one architecture"):

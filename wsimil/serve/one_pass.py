@@ -21,6 +21,7 @@ nothing of MLflow.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -59,9 +60,15 @@ class StackedFolds:
         }
         self.skeleton = copy.deepcopy(models[0]).to("meta")  # the forward, without weights
         self.forward = vmap(self._one, in_dims=(0, 0, None), randomness="same")
+        self._local = threading.local()
 
     def _one(self, params, buffers, bags: Bags):
-        out = functional_call(self.skeleton, (params, buffers), (bags,))
+        # functional_call swaps the tensors into the module while it runs, so concurrent
+        # requests (the scoring server's threads) each need their own weightless copy
+        skeleton = getattr(self._local, "skeleton", None)
+        if skeleton is None:
+            skeleton = self._local.skeleton = copy.deepcopy(self.skeleton)
+        out = functional_call(skeleton, (params, buffers), (bags,))
         return torch.softmax(out.logits.float(), dim=-1), out.scores
 
     def __call__(self, bags: Bags) -> tuple[Tensor, dict[str, tuple[Tensor, ...]]]:
