@@ -5,12 +5,13 @@ starts itself on a registered DMSMIL fold ensemble made from random weights in a
 MLflow store (the weights do not change the cost). Per payload encoding and client count
 (sequential, 4 concurrent): p50 / p99 request latency and requests per second, each cell
 bounded by ``--requests`` and ``--seconds``. Beside them, the model-only time (the fold
-models' forward passes on the same bag in this process, no parsing or HTTP), single fold
-model and whole ensemble: the DMSMIL paper quotes 0.0072 s per slide for one model on an
+models' forward passes on the same bag in this process, no parsing or HTTP): one fold
+model, the ensemble fold by fold (before) and in one batched pass (after); the DMSMIL
+paper quotes 0.0072 s per slide for one model on an
 RTX 3060. Prints a table, asserts nothing.
 
 Run from the repository root (the venv's bin on PATH):
-    python benchmarks/serve_latency.py [--family dmsmil] [--folds 5] [--requests 40]
+    python benchmarks/serve_latency.py [--family dmsmil] [--folds 5] [--requests 40] [--skip-json]
     python benchmarks/serve_latency.py --url http://127.0.0.1:5001 --family dmsmil
 """
 
@@ -54,13 +55,14 @@ def random_bag(n: int, dim: int, n_scales: int, seed: int = 0):
 
 
 def payload(xs, grids, scales, encoding: str) -> bytes:
+    """The request body: ``json`` rows, ``npy`` (base64 float32) or ``npy16`` (float16)."""
     row: dict[str, object] = {"bag_id": "bench"}
     for s, x, g in zip(scales, xs, grids, strict=True):
         if encoding == "json":
             row[f"features_{s}"] = x.tolist()
         else:
             buf = io.BytesIO()
-            np.save(buf, x)
+            np.save(buf, x.astype(np.float16) if encoding == "npy16" else x)
             row[f"features_{s}_npy"] = base64.b64encode(buf.getvalue()).decode()
         row[f"grid_{s}"] = g.tolist()
     return json.dumps({"dataframe_records": [row], "params": {"top_k": 10}}).encode()
@@ -175,8 +177,15 @@ def model_only(models_dir: Path, xs, grids, repeats: int) -> dict:
     """Seconds per bag of the fold models' forward passes: (best, median) of ``repeats``."""
     ens = FoldEnsemble.load(models_dir, "auto")
     one = FoldEnsemble(ens.manifest, ens.models[:1], ens.device)
+    each = FoldEnsemble(ens.manifest, ens.models, ens.device, one_pass=False)
+    k = len(ens.models)
     out = {"device": str(ens.device)}
-    for name, e in (("one fold model", one), (f"ensemble of {len(ens.models)}", ens)):
+    cases = (
+        ("one fold model", one),
+        (f"ensemble of {k}, fold by fold (before)", each),
+        (f"ensemble of {k}, one pass (after)", ens),
+    )
+    for name, e in cases:
         e.predict(xs, grids)  # warm-up
         times = []
         for _ in range(repeats):
@@ -199,6 +208,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--requests", type=int, default=40, help="per cell, at most")
     ap.add_argument("--seconds", type=float, default=60, help="per cell, at most")
+    ap.add_argument("--skip-json", action="store_true", help="only the .npy payloads")
     ap.add_argument("--url", help="a running server (its model must match --family/--dim)")
     args = ap.parse_args()
 
@@ -214,7 +224,8 @@ def main() -> None:
         else:
             url = args.url.rstrip("/")
         try:
-            bodies = {enc: payload(xs, grids, scales, enc) for enc in ("json", "npy")}
+            encodings = ("npy", "npy16") if args.skip_json else ("json", "npy", "npy16")
+            bodies = {enc: payload(xs, grids, scales, enc) for enc in encodings}
             rows = []
             for enc, body in bodies.items():
                 measure(url, body, 1, 2, args.seconds)  # warm-up
@@ -234,15 +245,22 @@ def main() -> None:
     print("| payload | MB | clients | requests | p50 s | p99 s | req/s |")
     print("|---|---|---|---|---|---|---|")
     for enc, mb, clients, m in rows:
-        name = "JSON rows" if enc == "json" else "base64 .npy"
+        name = {"json": "JSON rows", "npy": "base64 .npy", "npy16": "base64 .npy float16"}[enc]
         print(
             f"| {name} | {mb:.1f} | {clients} | {m['n']} | {m['p50']:.3f} | {m['p99']:.3f} "
             f"| {m['rps']:.2f} |"
         )
     print(f"\nmodel only ({local['device']}, this process, no parsing, no HTTP):")
+    single = local["one fold model"][1]
     for key, value in local.items():
         if key != "device":
-            print(f"  {key}: {value[0]:.4f} s per bag (best), {value[1]:.4f} s (median)")
+            print(
+                f"  {key}: {value[0]:.4f} s per bag (best), {value[1]:.4f} s (median), "
+                f"{value[1] / single:.2f}x one fold model"
+            )
+    npy_p50 = next(m["p50"] for enc, _, c, m in rows if enc == "npy" and c == 1)
+    ensemble = local[list(local)[-1]][1]  # the one-pass ensemble
+    print(f"  base64 .npy p50, 1 client / model-only ensemble median: {npy_p50 / ensemble:.2f}x")
     print("  DMSMIL paper, one model, RTX 3060: 0.0072 s per slide")
 
 

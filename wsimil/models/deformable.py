@@ -31,6 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def local_grid(grid: Tensor, mask: Tensor) -> Tensor:
+    """``grid (B, N, 2)`` shifted so each bag's real tiles start at cell (0, 0); padding 0."""
+    far = torch.iinfo(grid.dtype).max
+    origin = grid.masked_fill(~mask.unsqueeze(-1), far).amin(dim=1, keepdim=True)  # (B,1,2)
+    return (grid - origin.clamp_max(far - 1)).masked_fill(~mask.unsqueeze(-1), 0)
+
+
+def grid_extent(grid: Tensor) -> tuple[int, int]:
+    """``(rows, cols)`` of the dense grid a :func:`local_grid` needs (``Bags.grid_hw``)."""
+    return int(grid[..., 1].max()) + 1, int(grid[..., 0].max()) + 1
+
+
 @dataclass
 class DeformableOutput:
     out: Tensor  # (B, N, d)
@@ -76,11 +88,9 @@ class DeformableGridAttention(nn.Module):
         """Attend ``x (B, N, d)`` at ``grid (B, N, 2)`` (col, row); ``mask (B, N)``."""
         B, N, d = x.shape
         M, U, dh = self.heads, self.points, self.head_dim
-        far = torch.iinfo(grid.dtype).max
-        origin = grid.masked_fill(~mask.unsqueeze(-1), far).amin(dim=1, keepdim=True)  # (B,1,2)
-        grid = (grid - origin.clamp_max(far - 1)).masked_fill(~mask.unsqueeze(-1), 0)
+        grid = local_grid(grid, mask)
         if grid_hw is None:
-            grid_hw = (int(grid[..., 1].max()) + 1, int(grid[..., 0].max()) + 1)
+            grid_hw = grid_extent(grid)
         H, W = grid_hw
 
         z = self.query(x)  # (B, N, d)

@@ -15,7 +15,9 @@ Each threshold was chosen on its fold's validation patients, never on the data s
 family is the one the paper ranks instances by (the class's ``primary_score``).
 
 DMSMIL's optimal-transport distance is a training loss term only (it never enters the
-logits), so the inference copies are built with ``ot: off`` and skip the solver.
+logits), so the inference copies are built with ``ot: off`` and skip the solver. The k fold
+models answer in one batched forward (:mod:`wsimil.serve.one_pass`); ``one_pass=False``
+runs them one by one (the same numbers; benchmarks/serve_latency.py compares the two).
 Knows nothing of MLflow.
 """
 
@@ -30,6 +32,7 @@ import torch
 from wsimil.config import ModelConfig
 from wsimil.device import DeviceError, resolve_device
 from wsimil.models import MODELS, MILModel, build_model, collate
+from wsimil.serve.one_pass import StackedFolds
 from wsimil.train.manifest import EnsembleError, Manifest
 
 
@@ -44,10 +47,18 @@ class BagResult:
 class FoldEnsemble:
     """The fold models of one cross-validation, averaged (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest, models: list[MILModel], device: torch.device) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        models: list[MILModel],
+        device: torch.device,
+        *,
+        one_pass: bool = True,
+    ) -> None:
         self.manifest = manifest
         self.models = models
         self.device = device
+        self.stacked = StackedFolds(models) if one_pass and len(models) > 1 else None
         self.family: str = manifest.family
         self.scales: tuple[str, ...] = manifest.scales
         self.in_dims: tuple[int, ...] = manifest.in_dims
@@ -105,23 +116,19 @@ class FoldEnsemble:
             None if grid is None else [[torch.from_numpy(np.asarray(g, np.int64)) for g in grid]]
         )
         bags = collate([feats], grids).to(self.device)
-        probs, scores = None, {}
-        for model in self.models:
-            out = model(bags)
-            p = torch.softmax(out.logits.float(), dim=-1)[0]  # (C,)
-            probs = p if probs is None else probs + p
-            for name, per_scale in out.scores.items():
-                s = [t[0].float() for t in per_scale]  # one (N_s,) per scale
-                scores[name] = (
-                    s
-                    if name not in scores
-                    else [a + b for a, b in zip(scores[name], s, strict=True)]
-                )
-        k = len(self.models)
+        if self.stacked is not None:
+            probs, scores = self.stacked(bags)  # (k, 1, C); (k, 1, N_s) per scale
+        else:  # one forward per fold model
+            outs = [model(bags) for model in self.models]
+            probs = torch.stack([torch.softmax(o.logits.float(), dim=-1) for o in outs])
+            scores = {
+                name: tuple(torch.stack([o.scores[name][s] for o in outs]) for s in range(n))
+                for name, n in ((name, len(t)) for name, t in outs[0].scores.items())
+            }
         return BagResult(
-            (probs / k).cpu().numpy(),
+            probs[:, 0].mean(0).cpu().numpy(),
             {
-                name: tuple((t / k).cpu().numpy() for t in per_scale)
+                name: tuple(t[:, 0].float().mean(0).cpu().numpy() for t in per_scale)
                 for name, per_scale in scores.items()
             },
         )

@@ -7,7 +7,8 @@ for DMSMIL), every one optional:
                               the slide id that seeds the 20x child draw (default: the
                               file name without suffix), as slide_id in slides.csv does
     features_<s>       (N, D) numbers, JSON rows
-    features_<s>_npy   str    base64 of the bytes ``np.save`` writes, for large bags
+    features_<s>_npy   str    base64 of the bytes ``np.save`` writes, for large bags;
+                              float16 halves the payload and is read exactly (as float32)
     grid_<s>           (N, 2) int (col, row) tile grid positions (DMSMIL needs them)
     coords_<s>         (N, 2) int level-0 (x, y), echoed with the top instance scores
     slide_path         str    a slide file under the server's WSIMIL_SERVE_SLIDE_ROOT; the
@@ -192,7 +193,8 @@ def decode_npy(text, bag_id: str, field: str, dim: int, max_instances: int) -> n
         np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
     ):
         raise RequestError(
-            f"bag {bag_id!r}: {field} holds {dtype}, not real numbers; send float32 features"
+            f"bag {bag_id!r}: {field} holds {dtype}, not real numbers; send float32 or "
+            "float16 features"
         )
     fp.seek(0)
     try:
