@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +110,52 @@ def run_fold(
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         scores={b.slide_id: s for b, s in zip(test, test_scores, strict=True)},
     )
+
+
+def fold_workers(setting: int | str, n_folds: int, device: str) -> int:
+    """``crossval.parallel_folds`` as a process count: ``auto`` is min(folds, CPU cores) on
+    CPU and 1 on a GPU (the folds would share it)."""
+    if setting != "auto":
+        return max(1, min(int(setting), n_folds))
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(n_folds, len(os.sched_getaffinity(0))))
+
+
+def fold_results(
+    family: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    folds: list[dict],
+    bags: dict[str, SlideBag],
+    classes: list[str],
+    *,
+    workers: int,
+    trial: int | None = None,
+) -> Iterator[FoldResult]:
+    """Each fold's :func:`run_fold`, in fold order, with up to ``workers`` processes at once.
+
+    Every fold is seeded by (train.seed, fold, trial) alone and fits with
+    ``train.cpu_threads`` threads, so a fold's weights and metrics are the same bytes
+    whether it runs here or in a fresh (spawned) process. Closing the iterator early (a
+    pruned trial) cancels the folds not started yet.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = []
+        for fold in folds:
+            ids = [*fold["train"], *fold["val"], *fold["test"]]
+            mine = {s: bags[s] for s in ids if s in bags}
+            futures.append(
+                pool.submit(run_fold, family, model_cfg, train_cfg, fold, mine, classes,
+                            trial=trial)
+            )  # fmt: skip
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 # --- artifacts ------------------------------------------------------------------------------
@@ -260,6 +308,7 @@ def run_crossval(
     resolved_params: dict | None = None,
     on_fold: Callable[[FoldResult], bool] | None = None,
     trial: int | None = None,
+    parallel_folds: int = 1,
 ) -> CVResult:
     """Cross-validate ``family`` on ``splits``; track everything in MLflow; write ``out_dir``.
 
@@ -275,6 +324,9 @@ def run_crossval(
         trial: the tuning trial's number (None outside a study); with the seed and the fold
             it seeds each fold's fit (:class:`wsimil.seeding.FitSeeds`); recorded as the
             param ``trial.number``.
+        parallel_folds: folds fitted at once, each in its own process (1: one after the
+            other, here). The results are the same bytes either way; only this process
+            talks to MLflow (a fold's per-epoch curve is logged when the fold is done).
     """
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
@@ -284,18 +336,32 @@ def run_crossval(
     with start_top_run(experiment, run_name or f"{family}-cv") as parent:
         mlflow.set_tags({**tags, "run_kind": "crossval"})
         mlflow.log_params(params)
+        parallel = (
+            fold_results(family, model_cfg, train_cfg, splits["folds"], bags, classes,
+                         workers=parallel_folds, trial=trial)
+            if parallel_folds > 1
+            else None
+        )  # fmt: skip
         for fold in splits["folds"]:
             with mlflow.start_run(run_name=f"{family}-fold{fold['fold']}", nested=True):
                 mlflow.set_tags({**tags, "run_kind": "fold", "fold": str(fold["fold"])})
                 mlflow.log_params(params)
-                result = run_fold(
-                    family, model_cfg, train_cfg, fold, bags, classes,
-                    on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), trial=trial,
-                )  # fmt: skip
+                if parallel is None:
+                    result = run_fold(
+                        family, model_cfg, train_cfg, fold, bags, classes,
+                        on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), trial=trial,
+                    )  # fmt: skip
+                else:
+                    result = next(parallel)
+                    for h in result.history:
+                        metrics = {k: v for k, v in h.items() if k != "epoch"}
+                        mlflow.log_metrics(metrics, step=h["epoch"])
                 _log_fold(result)
                 folds.append(result)
             if on_fold is not None and not on_fold(result):
                 break
+        if parallel is not None:
+            parallel.close()  # cancels the folds a pruned trial no longer needs
         summary = summarize([f.metrics for f in folds])
         in_dims = tuple(x.shape[1] for x in next(iter(bags.values())).x)
         cv = CVResult(family, folds, summary, classes, in_dims, parent.info.run_id)
