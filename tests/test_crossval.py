@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from test_train import SMALL, make_bags
 
 from wsimil.config import TrainConfig
-from wsimil.experiment.crossval import run_crossval
+from wsimil.experiment.crossval import run_crossval, weights_sha256
 from wsimil.train.splits import make_splits
 
 
@@ -83,3 +83,49 @@ def test_crossval_run_is_tracked_with_lineage(tmp_path, tracking, repo_root):
     assert len(pd.read_csv(out / "report" / "predictions.csv")) == len(table)
     assert (out / "models" / "fold2.safetensors").exists()
     assert list(pd.read_csv(out / "loss.csv").columns[:3]) == ["epoch", "train_loss", "val_loss"]
+
+
+@pytest.mark.slow
+def test_parallel_folds_give_the_sequential_run_to_the_byte(tmp_path, tracking, repo_root):
+    """Folds fitted in spawned processes: the same weights, metrics, predictions and curves.
+
+    Slow: two full DMSMIL cross-validations, one of them starting three fresh Python
+    processes (each imports torch and MLflow); 177 s on the loaded 2-core machine.
+    """
+    bags = make_bags(18, 2, seed=3)  # DMSMIL: two scales, the deformable grid, exact OT
+    table = pd.DataFrame(
+        {
+            "slide_id": [b.slide_id for b in bags],
+            "patient_id": [b.slide_id for b in bags],
+            "label": ["tumour" if b.label else "normal" for b in bags],
+        }
+    )
+    bags = {b.slide_id: b for b in bags}
+    splits = make_splits(table, n_folds=3, val_folds=3, seed=0)
+    runs = {}
+    for workers in (1, 3):
+        runs[workers] = run_crossval(
+            "dmsmil", SMALL, TrainConfig(epochs=2, lr=1e-3, seed=4, device="cpu"), splits, bags,
+            table=table, cohort_dir=tmp_path, out_dir=tmp_path / f"out{workers}",
+            experiment="test-parallel", lineage={}, root=repo_root, parallel_folds=workers,
+        )  # fmt: skip
+    one, three = runs[1], runs[3]
+    assert [weights_sha256(f.state_dict) for f in one.folds] == [
+        weights_sha256(f.state_dict) for f in three.folds
+    ]
+    assert one.summary == three.summary
+    for a, b in zip(one.folds, three.folds, strict=True):
+        assert a.history == b.history and a.metrics == b.metrics and a.threshold == b.threshold
+        pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    curves = []
+    for cv in (one, three):  # the per-epoch curves reach MLflow from the parent either way
+        children = tracking.search_runs(
+            [tracking.get_run(cv.parent_run_id).info.experiment_id],
+            f"tags.mlflow.parentRunId = '{cv.parent_run_id}'",
+            order_by=["tags.fold"],
+        )
+        curves.append(
+            [[m.value for m in tracking.get_metric_history(c.info.run_id, "val_auc")]
+             for c in children]
+        )  # fmt: skip
+    assert curves[0] == curves[1] and len(curves[0]) == 3 and len(curves[0][0]) == 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -143,6 +143,9 @@ class CrossvalConfig(Section):
     experiment: str = Field("wsimil-demo", min_length=1, description="MLflow experiment")
     out_dir: Path = Path("results/crossval")
     n_heatmaps: int = Field(3, ge=0, description="heatmaps drawn per run (tumour slides)")
+    parallel_folds: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="folds fitted at once, a process each; auto: min(folds, cores)"
+    )
     classes: list[str] | None = Field(
         None, min_length=2, description="the labels slides.csv may use; others are an error"
     )

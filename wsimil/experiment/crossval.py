@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,52 @@ def run_fold(
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         scores={b.slide_id: s for b, s in zip(test, test_scores, strict=True)},
     )
+
+
+def fold_workers(setting: int | str, n_folds: int, device: str) -> int:
+    """``crossval.parallel_folds`` as a process count: ``auto`` is min(folds, CPU cores) on
+    CPU and 1 on a GPU (the folds would share it)."""
+    if setting != "auto":
+        return max(1, min(int(setting), n_folds))
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(n_folds, len(os.sched_getaffinity(0))))
+
+
+def fold_results(
+    family: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    folds: list[dict],
+    bags: dict[str, SlideBag],
+    classes: list[str],
+    *,
+    workers: int,
+    trial: int | None = None,
+) -> Iterator[FoldResult]:
+    """Each fold's :func:`run_fold`, in fold order, with up to ``workers`` processes at once.
+
+    Every fold is seeded by (train.seed, fold, trial) alone and fits with
+    ``train.cpu_threads`` threads, so a fold's weights and metrics are the same bytes
+    whether it runs here or in a fresh (spawned) process. Closing the iterator early (a
+    pruned trial) cancels the folds not started yet.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = []
+        for fold in folds:
+            ids = [*fold["train"], *fold["val"], *fold["test"]]
+            mine = {s: bags[s] for s in ids if s in bags}
+            futures.append(
+                pool.submit(run_fold, family, model_cfg, train_cfg, fold, mine, classes,
+                            trial=trial)
+            )  # fmt: skip
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 # --- artifacts ------------------------------------------------------------------------------
@@ -262,6 +310,7 @@ def run_crossval(
     on_fold: Callable[[FoldResult], bool] | None = None,
     trial: int | None = None,
     leave: bool = True,
+    parallel_folds: int = 1,
 ) -> CVResult:
     """Cross-validate ``family`` on ``splits``; track everything in MLflow; write ``out_dir``.
 
@@ -279,6 +328,9 @@ def run_crossval(
             param ``trial.number``.
         leave: keep the progress bar (epochs over all folds, :mod:`wsimil.progress`) on
             screen when done; a tuner's trials pass False.
+        parallel_folds: folds fitted at once, each in its own process (1: one after the
+            other, here). The results are the same bytes either way; only this process
+            talks to MLflow (a fold's per-epoch curve is logged when the fold is done).
     """
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
@@ -290,21 +342,35 @@ def run_crossval(
     with bar, start_top_run(experiment, run_name or f"{family}-cv") as parent:
         mlflow.set_tags({**tags, "run_kind": "crossval"})
         mlflow.log_params(params)
+        parallel = (
+            fold_results(family, model_cfg, train_cfg, splits["folds"], bags, classes,
+                         workers=parallel_folds, trial=trial)
+            if parallel_folds > 1
+            else None
+        )  # fmt: skip
         for i, fold in enumerate(splits["folds"]):
             bar.set_postfix_str(f"fold {fold['fold']}")
             with mlflow.start_run(run_name=f"{family}-fold{fold['fold']}", nested=True):
                 mlflow.set_tags({**tags, "run_kind": "fold", "fold": str(fold["fold"])})
                 mlflow.log_params(params)
-                result = run_fold(
-                    family, model_cfg, train_cfg, fold, bags, classes,
-                    on_epoch=lambda e, m: (mlflow.log_metrics(m, step=e), bar.update()),
-                    trial=trial,
-                )  # fmt: skip
+                if parallel is None:
+                    result = run_fold(
+                        family, model_cfg, train_cfg, fold, bags, classes,
+                        on_epoch=lambda e, m: (mlflow.log_metrics(m, step=e), bar.update()),
+                        trial=trial,
+                    )  # fmt: skip
+                else:
+                    result = next(parallel)
+                    for h in result.history:
+                        metrics = {k: v for k, v in h.items() if k != "epoch"}
+                        mlflow.log_metrics(metrics, step=h["epoch"])
                 _log_fold(result)
                 folds.append(result)
             bar.update((i + 1) * epochs - bar.n)  # early stopping skips the fold's last epochs
             if on_fold is not None and not on_fold(result):
                 break
+        if parallel is not None:
+            parallel.close()  # cancels the folds a pruned trial no longer needs
         summary = summarize([f.metrics for f in folds])
         in_dims = tuple(x.shape[1] for x in next(iter(bags.values())).x)
         cv = CVResult(family, folds, summary, classes, in_dims, parent.info.run_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsimil.config import Params, as_written
-from wsimil.experiment.crossval import CVResult, model_scales, run_crossval
+from wsimil.experiment.crossval import CVResult, fold_workers, model_scales, run_crossval
 from wsimil.experiment.tracking import dvc_out_hash
 from wsimil.experiment.tune import check_space, init_study, make_storage, run_study, shown_url
 from wsimil.extract.cache import features_dir
@@ -66,6 +66,11 @@ def crossval_runner(params: Params, root: Path, family: str, *, warn: Warn) -> C
     def run(p: Params, **kwargs) -> CVResult:
         kwargs.setdefault("out_dir", cfg.out_dir / family)
         kwargs.setdefault("n_heatmaps", cfg.n_heatmaps)
+        train_cfg = getattr(p.train, family)
+        n_folds = len(splits_doc["folds"])
+        kwargs.setdefault(
+            "parallel_folds", fold_workers(p.crossval.parallel_folds, n_folds, train_cfg.device)
+        )
         return run_crossval(
             family,
             p.model,

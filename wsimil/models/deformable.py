@@ -8,10 +8,18 @@ and carry zero occupancy. For a query q at its own cell r_q:
     A_mqu    = softmax_u(Linear_MU(z_q))             (Eq. 4)
     x̂_q      = Σ_m W_m [ Σ_u A_mqu · W'_m x̃(r_q + Δr_mqu) ]          (Eq. 7-8)
 
-x̃(·) is bilinear sampling of the grid (``F.grid_sample``). The occupancy is sampled with the
-same weights and each head's sum is divided by its sampled occupancy mass
-Σ_u A_mqu · occ(r_q + Δr_mqu), so empty cells (and points outside the grid) get no weight and
-the remaining weights still sum to one. Cost O(K·M·U·d): linear in K.
+x̃(·) is bilinear sampling of the grid. The occupancy is sampled with the same weights and
+each head's sum is divided by its sampled occupancy mass Σ_u A_mqu · occ(r_q + Δr_mqu), so
+empty cells (and points outside the grid) get no weight and the remaining weights still sum
+to one. Cost O(K·M·U·d): linear in K.
+
+How it is computed (the same numbers as the direct transcription with ``F.grid_sample``,
+kept as :meth:`DeformableGridAttention.forward_grid_sample`; ``tests/test_deformable.py``):
+the four cells around every point are looked up and summed with their bilinear × A_mqu
+weights in one fused weighted gather (``F.embedding_bag``), and z_q is never formed: it only
+feeds Linear_2MU and Linear_MU, so their product with W_q (3MU × d) is applied instead. On
+CPU that is the sampling without grid_sample's slow backward and a 3MU-wide matmul instead of
+a d × d one (``benchmarks/deformable.py``).
 
 Choices where the paper is silent: W'_m are the M row blocks of one d×d value projection and
 W_m the column blocks of one d×d output projection (Deformable DETR's layout); there is no
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +73,7 @@ class DeformableGridAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, heads * points)  # Linear_MU, Eq. 4
         self.value = nn.Linear(dim, dim)  # W'_m of all heads
         self.output = nn.Linear(dim, dim)  # W_m of all heads
+        self.formulation: Literal["gather", "grid_sample"] = "gather"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,12 +96,65 @@ class DeformableGridAttention(nn.Module):
         self, x: Tensor, grid: Tensor, mask: Tensor, grid_hw: tuple[int, int] | None = None
     ) -> DeformableOutput:
         """Attend ``x (B, N, d)`` at ``grid (B, N, 2)`` (col, row); ``mask (B, N)``."""
+        if self.formulation == "grid_sample":
+            return self.forward_grid_sample(x, grid, mask, grid_hw)
         B, N, d = x.shape
         M, U, dh = self.heads, self.points, self.head_dim
-        grid = local_grid(grid, mask)
-        if grid_hw is None:
-            grid_hw = grid_extent(grid)
-        H, W = grid_hw
+        grid, (H, W) = _on_grid(grid, mask, grid_hw)
+
+        # z_q feeds only Linear_2MU and Linear_MU: apply their product with W_q (rank 3MU)
+        # instead of the d x d W_q itself; the parameters are unchanged
+        heads_w = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+        heads_b = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+        w = heads_w @ self.query.weight  # (3MU, d)
+        b = torch.addmv(heads_b, heads_w, self.query.bias)  # (3MU,)
+        zo, za = F.linear(x, w, b).split([2 * M * U, M * U], dim=-1)
+        offsets = (self.offset_scale * torch.tanh(zo)).view(B, N, M, U, 2)  # cells, Eq. 3
+        weights = torch.softmax(za.view(B, N, M, U), dim=-1)  # (B, N, M, U), Eq. 4
+
+        # the dense grid: value channels and occupancy of every cell
+        m = mask.to(x.dtype)  # (B, N)
+        batch = torch.arange(B, device=x.device).view(B, 1) * (H * W)  # first cell of each bag
+        cell = (batch + grid[..., 1] * W + grid[..., 0]).flatten()  # (B·N,) in B·H·W cells
+        v = self.value(x) * m.unsqueeze(-1)  # (B, N, d) = M heads x dh
+        dense = x.new_zeros(B * H * W, d).index_add(0, cell, v.view(B * N, d))  # (B·H·W, d)
+        occ = m.new_zeros(B * H * W).index_add(0, cell, m.flatten())  # (B·H·W,)
+
+        # bilinear sampling at r_q + Δr: the four cells around each point (zero outside)
+        loc = grid[:, :, None, None, :].to(x.dtype) + offsets  # (B, N, M, U, 2)
+        lo = loc.detach().floor()
+        frac = loc - lo  # (B, N, M, U, 2) weight of the upper neighbour
+        lo = lo.long()
+        corner = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], device=x.device)  # (4, 2)
+        at = lo.unsqueeze(-2) + corner  # (B, N, M, U, 4, 2)
+        share = torch.where(corner.bool(), frac.unsqueeze(-2), 1 - frac.unsqueeze(-2))
+        inside = (at >= 0).all(-1) & (at[..., 0] < W) & (at[..., 1] < H)  # (B, N, M, U, 4)
+        near = torch.where(inside, at[..., 1] * W + at[..., 0], 0)  # (B, N, M, U, 4) cell
+        A = (weights.unsqueeze(-1) * share.prod(-1) * inside).flatten(-2)  # (B, N, M, 4U)
+        near = near.flatten(-2)  # (B, N, M, 4U)
+
+        # per head: Σ_u A_mqu · x̃, renormalised by the sampled occupancy mass
+        near = batch.view(B, 1, 1, 1) + near  # (B, N, M, 4U) in B·H·W cells
+        head_of = torch.arange(M, device=x.device).view(1, 1, M, 1)
+        rows = (near * M + head_of).view(-1, 4 * U)  # (B·N·M, 4U) into dense as (., dh)
+        mixed = F.embedding_bag(  # Σ over the 4U bilinear corners, weighted, fused
+            rows, dense.view(-1, dh), mode="sum", per_sample_weights=A.reshape(-1, 4 * U)
+        ).view(B, N, M, dh)
+        mass = (A * occ[near]).sum(-1)  # (B, N, M) sampled occupancy
+        head = (mixed / mass.clamp_min(1e-6).unsqueeze(-1)).reshape(B, N, d)  # (B, N, M·dh)
+        return DeformableOutput(self.output(head), offsets, weights)
+
+    def forward_grid_sample(
+        self, x: Tensor, grid: Tensor, mask: Tensor, grid_hw: tuple[int, int] | None = None
+    ) -> DeformableOutput:
+        """The same attention written with ``F.grid_sample`` on a dense per-head grid.
+
+        The direct transcription of Eq. 3-8, kept as the reference :meth:`forward` is tested
+        against (``tests/test_deformable.py``) and timed against (``benchmarks/deformable.py``).
+        """
+        B, N, d = x.shape
+        M, U, dh = self.heads, self.points, self.head_dim
+        grid, (H, W) = _on_grid(grid, mask, grid_hw)
 
         z = self.query(x)  # (B, N, d)
         offsets = self.offset_scale * torch.tanh(self.sampling_offsets(z))
@@ -121,3 +184,11 @@ class DeformableGridAttention(nn.Module):
         head = mixed[:, :dh] / mixed[:, dh:].clamp_min(1e-6)  # renormalise by occupancy
         head = head.view(B, M, dh, N).permute(0, 3, 1, 2).reshape(B, N, d)  # (B, N, M·dh)
         return DeformableOutput(self.output(head), offsets, weights)
+
+
+def _on_grid(
+    grid: Tensor, mask: Tensor, grid_hw: tuple[int, int] | None
+) -> tuple[Tensor, tuple[int, int]]:
+    """Cells relative to the bag's top-left instance (padding rows at 0), and (H, W)."""
+    grid = local_grid(grid, mask)
+    return grid, grid_extent(grid) if grid_hw is None else grid_hw
