@@ -108,8 +108,13 @@ class DMSMIL(MILModel):
         self.classifier = nn.Linear(d, n_classes)
         self.ot = cfg.ot if S > 1 else "off"
 
-    def forward(self, bags: Bags, *, attribution: bool | None = None) -> MILOutput:
-        """Logits and instance scores; ``attribution`` (default: in eval mode) adds that score."""
+    def forward(
+        self, bags: Bags, *, attribution: bool | None = None, transport: bool = True
+    ) -> MILOutput:
+        """Logits and instance scores; ``attribution`` (default: in eval mode) adds that score.
+
+        ``transport=False`` skips L_ot's solver (the logits do not depend on it).
+        """
         xs, masks = self.inputs(bags)
         if self.intra is not None and bags.grid is None:
             raise ValueError(
@@ -146,7 +151,7 @@ class DMSMIL(MILModel):
             for s, (e, mask) in enumerate(zip(embedded, masks, strict=True))
         )
         aux: dict[str, Tensor] = {"scale_weights": a}
-        if self.ot != "off":
+        if self.ot != "off" and transport:
             for s, p in enumerate(ot_points):
                 aux[f"ot_points{s}"] = p
             aux["ot_distance"] = batch_wasserstein1(
@@ -171,15 +176,21 @@ class DMSMIL(MILModel):
         copied into a graph of their own); the model's weights get no gradient.
         """
         with torch.inference_mode(False), torch.enable_grad():
-            xs = tuple(x.clone().requires_grad_(True) for x in bags.x)
-            inputs = Bags(xs, _clone(bags.mask), _clone(bags.grid), bags.grid_hw)
-            logits = self(inputs, attribution=False).logits  # (B, C)
-            if self.n_classes == 2:
-                decision = logits[:, 1] - logits[:, 0]  # (B,)
-            else:
-                decision = logits.gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
-            grads = torch.autograd.grad(decision.sum(), xs)  # bags are independent
-        masks = inputs.masks()
+            xs = tuple(x.clone() for x in bags.x)
+            mask, grid = _clone(bags.mask), _clone(bags.grid)
+
+            def decision(xs: tuple[Tensor, ...]) -> Tensor:
+                logits = self(
+                    Bags(xs, mask, grid, bags.grid_hw), attribution=False, transport=False
+                ).logits
+                if self.n_classes == 2:
+                    return (logits[:, 1] - logits[:, 0]).sum()  # bags are independent
+                return logits.gather(1, logits.argmax(dim=-1, keepdim=True)).sum()
+
+            # torch.func.grad, not autograd.grad: it also runs inside the served ensemble's
+            # vmap over the fold models (wsimil/serve/one_pass.py)
+            grads = torch.func.grad(decision)(xs)
+        masks = Bags(xs, mask, grid, bags.grid_hw).masks()
         return tuple(
             ((g * (x - getattr(self, f"feature_mean_{s}"))).sum(-1) * m).detach()  # (B, N_s)
             for s, (x, g, m) in enumerate(zip(xs, grads, masks, strict=True))

@@ -51,13 +51,14 @@ class StackedFolds:
         if any(m.training for m in models):
             raise ValueError("fold models must be in eval mode to be stacked (inference only)")
         self.k = len(models)
-        params, self.buffers = stack_module_state(list(models))
-        # 2-D weights are kept (k, in, out) in memory and seen as (k, out, in): under vmap
-        # F.linear then runs one contiguous bmm (as wsimil.milbench.stacked does)
-        self.params = {
-            n: v.transpose(1, 2).contiguous().transpose(1, 2) if v.dim() == 3 else v
-            for n, v in params.items()
-        }
+        with torch.inference_mode(False):  # normal tensors: a gradient score may save them
+            params, self.buffers = stack_module_state(list(models))
+            # 2-D weights are kept (k, in, out) in memory and seen as (k, out, in): under
+            # vmap F.linear then runs one contiguous bmm (as wsimil.milbench.stacked does)
+            self.params = {
+                n: v.transpose(1, 2).contiguous().transpose(1, 2) if v.dim() == 3 else v
+                for n, v in params.items()
+            }
         self.skeleton = copy.deepcopy(models[0]).to("meta")  # the forward, without weights
         self.forward = vmap(self._one, in_dims=(0, 0, None), randomness="same")
         self._local = threading.local()
@@ -72,5 +73,10 @@ class StackedFolds:
         return torch.softmax(out.logits.float(), dim=-1), out.scores
 
     def __call__(self, bags: Bags) -> tuple[Tensor, dict[str, tuple[Tensor, ...]]]:
-        """Per fold: probabilities ``(k, B, C)``; scores by name, ``(k, B, N_s)`` per scale."""
-        return self.forward(self.params, self.buffers, with_grid_extent(bags))
+        """Per fold: probabilities ``(k, B, C)``; scores by name, ``(k, B, N_s)`` per scale.
+
+        Runs under ``no_grad``, never ``inference_mode``: the tensors vmap wraps in inference
+        mode could not enter a gradient-based score (DMSMIL's attribution, ``torch.func.grad``).
+        """
+        with torch.inference_mode(False), torch.no_grad():
+            return self.forward(self.params, self.buffers, with_grid_extent(bags))
