@@ -39,7 +39,7 @@ demo: install
 	$(BIN)/dvc metrics show || true
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
