@@ -75,8 +75,12 @@ class FeaturesConfig(Section):
 
     out_dir: Path = Path("data/features")
     report: Path = Path("reports/features.csv")
-    extractor: str = Field("resnet101", description="table name, timm name, TorchScript file")
-    weights: str = Field("pretrained", description="pretrained | random | state-dict file")
+    extractor: str = Field(
+        "resnet101", description="recipe (`wsimil extractors`), table name, timm name, file"
+    )
+    weights: str = Field(
+        "pretrained", description="pretrained | random | weights file | HF snapshot folder"
+    )
     allow_network: bool = Field(False, description="may download weights / hub models")
     init_seed: int = Field(0, description="seed of `weights: random`")
     input_px: int | None = Field(None, ge=16, description="resize tiles for the network")
@@ -87,6 +91,19 @@ class FeaturesConfig(Section):
     deterministic: bool = Field(
         False, description="deterministic torch kernels (GPU: slower; CPU is bit-exact anyway)"
     )
+    stain_norm: Literal["macenko", "reinhard"] | None = Field(
+        None, description="stain normalisation before the network (null: none)"
+    )
+    stain_reference: Path | None = Field(None, description="reference tile for stain_norm")
+
+    @model_validator(mode="after")
+    def _stain_reference_given(self):
+        if self.stain_norm and self.stain_reference is None:
+            raise ValueError(
+                f"features.stain_norm is {self.stain_norm} but features.stain_reference is "
+                "not set: point it at a reference tile image"
+            )
+        return self
 
 
 # --- evaluation -----------------------------------------------------------------------------
