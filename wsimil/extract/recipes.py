@@ -49,7 +49,7 @@ class Recipe:
     dtype: Literal["float32", "bfloat16", "float16"]  # autocast advice on a GPU
     hf_repo: str
     files: tuple[str, ...]  # weight files of the HF repo, in the order tried
-    licence: str  # licence and gating
+    licence: str  # gating and where; the licence itself is on the model card
     paper: str
     source: str  # what this entry was checked against
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -85,7 +85,7 @@ RECIPES: dict[str, Recipe] = {
             "uni", "timm", "vit_large_patch16_224",
             {"img_size": 224, "patch_size": 16, "init_values": 1e-5},
             224, 0.5, "cls", 1, 1024, "float16", "MahmoodLab/UNI", ("pytorch_model.bin",),
-            "gated (CC-BY-NC-ND 4.0): request at https://huggingface.co/MahmoodLab/UNI",
+            "gated: request access at https://huggingface.co/MahmoodLab/UNI",
             "Chen et al., Nat. Med. 2024", f"{TRIDENT} UNIInferenceEncoder; TRIDENT README 1024-D",
         ),
         Recipe(
@@ -95,14 +95,14 @@ RECIPES: dict[str, Recipe] = {
              "no_embed_class": True, "reg_tokens": 8, SWIGLU: True},
             224, 0.5, "cls", 9, 1536, "bfloat16", "MahmoodLab/UNI2-h",
             ("pytorch_model.bin", "model.safetensors"),
-            "gated (CC-BY-NC-ND 4.0): request at https://huggingface.co/MahmoodLab/UNI2-h",
+            "gated: request access at https://huggingface.co/MahmoodLab/UNI2-h",
             "Chen et al., Nat. Med. 2024 (UNI2-h model card)", f"{TRIDENT} UNIv2InferenceEncoder",
         ),
         Recipe(
             "virchow2", "timm", "vit_huge_patch14_224", {**_VIRCHOW, "reg_tokens": 4},
             224, 0.5, "cls+mean", 5, 2560, "float16", "paige-ai/Virchow2",
             ("model.safetensors", "pytorch_model.bin"),
-            "gated (CC-BY-NC-ND 4.0): request at https://huggingface.co/paige-ai/Virchow2",
+            "gated: request access at https://huggingface.co/paige-ai/Virchow2",
             "Zimmermann et al., arXiv 2408.00738",
             f"{TRIDENT} Virchow2InferenceEncoder: class token ⊕ mean of output[:, 5:]",
         ),
@@ -110,7 +110,7 @@ RECIPES: dict[str, Recipe] = {
             "virchow", "timm", "vit_huge_patch14_224", _VIRCHOW,
             224, 0.5, "cls+mean", 1, 2560, "float16", "paige-ai/Virchow",
             ("model.safetensors", "pytorch_model.bin"),
-            "gated (Apache 2.0, non-commercial terms): https://huggingface.co/paige-ai/Virchow",
+            "gated: request access at https://huggingface.co/paige-ai/Virchow",
             "Vorontsov et al., Nat. Med. 2024",
             f"{TRIDENT} VirchowInferenceEncoder: class token ⊕ mean of output[:, 1:]",
         ),
@@ -118,7 +118,7 @@ RECIPES: dict[str, Recipe] = {
             "h-optimus-0", "timm", "vit_giant_patch14_reg4_dinov2", _DINOV2_G,
             224, 0.5, "cls", 5, 1536, "float16", "bioptimus/H-optimus-0",
             ("model.safetensors", "pytorch_model.bin"),
-            "gated (Apache 2.0): accept at https://huggingface.co/bioptimus/H-optimus-0",
+            "gated: request access at https://huggingface.co/bioptimus/H-optimus-0",
             "Saillard et al., H-optimus-0 (Bioptimus 2024)",
             f"{TRIDENT} HOptimus0InferenceEncoder (mean/std there)",
             BIOPTIMUS_MEAN, BIOPTIMUS_STD,
@@ -127,7 +127,7 @@ RECIPES: dict[str, Recipe] = {
             "h-optimus-1", "timm", "vit_giant_patch14_reg4_dinov2", _DINOV2_G,
             224, 0.5, "cls", 5, 1536, "float16", "bioptimus/H-optimus-1",
             ("model.safetensors", "pytorch_model.bin"),
-            "gated (non-commercial licence): request at https://huggingface.co/bioptimus/H-optimus-1",
+            "gated: request access at https://huggingface.co/bioptimus/H-optimus-1",
             "Bioptimus, H-optimus-1 (2025)", f"{TRIDENT} HOptimus1InferenceEncoder",
             BIOPTIMUS_MEAN, BIOPTIMUS_STD,
         ),
@@ -137,7 +137,7 @@ RECIPES: dict[str, Recipe] = {
              "num_heads": 24, "mlp_ratio": 5.33334},
             224, 0.5, "cls", 1, 1536, "float16", "prov-gigapath/prov-gigapath",
             ("pytorch_model.bin",),
-            "gated (Apache 2.0): accept at https://huggingface.co/prov-gigapath/prov-gigapath",
+            "gated: request access at https://huggingface.co/prov-gigapath/prov-gigapath",
             "Xu et al., Nature 2024 (tile encoder)",
             f"{TRIDENT} GigaPathInferenceEncoder (resize 256, centre crop 224 there; here 224)",
         ),
@@ -147,7 +147,7 @@ RECIPES: dict[str, Recipe] = {
              "patch_size": 16, "image_size": 224},
             224, 0.5, "cls", 1, 1024, "float32", "owkin/phikon-v2",
             ("model.safetensors", "config.json"),
-            "open (Owkin non-commercial licence): https://huggingface.co/owkin/phikon-v2",
+            "open: https://huggingface.co/owkin/phikon-v2",
             "Filiot et al., arXiv 2409.09173",
             f"{TRIDENT} Phikonv2InferenceEncoder: last_hidden_state[:, 0]; ViT-L/16 Dinov2 "
             "(TRIDENT README 1024-D); a snapshot folder loads with its own config.json",
@@ -155,7 +155,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "conch", "conch", "conch_ViT-B-16", {},
             448, 0.5, "cls", 0, 512, "float32", "MahmoodLab/CONCH", ("pytorch_model.bin",),
-            "gated (CC-BY-NC-ND 4.0): request at https://huggingface.co/MahmoodLab/CONCH",
+            "gated: request access at https://huggingface.co/MahmoodLab/CONCH",
             "Lu et al., Nat. Med. 2024",
             f"{TRIDENT} Conchv1InferenceEncoder: encode_image(proj_contrast=False, "
             "normalize=False); TRIDENT README 512-D, 512 px at 20x (resized to 448)",
@@ -166,7 +166,7 @@ RECIPES: dict[str, Recipe] = {
             "kaiko-vits16", "timm", "vit_small_patch16_224", {"img_size": 224},
             224, 0.5, "cls", 1, 384, "float32",
             "1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-            ("model.safetensors",), "open (kaiko.ai licence)",
+            ("model.safetensors",), "open (timm port by 1aurent)",
             "Aben et al., arXiv 2404.15217", f"{TRIDENT} KaikoS16InferenceEncoder",
             KAIKO_MEAN, KAIKO_STD,
         ),
@@ -174,7 +174,7 @@ RECIPES: dict[str, Recipe] = {
             "kaiko-vitb16", "timm", "vit_base_patch16_224", {"img_size": 224},
             224, 0.5, "cls", 1, 768, "float32",
             "1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms",
-            ("model.safetensors",), "open (kaiko.ai licence)",
+            ("model.safetensors",), "open (timm port by 1aurent)",
             "Aben et al., arXiv 2404.15217", f"{TRIDENT} KaikoB16InferenceEncoder",
             KAIKO_MEAN, KAIKO_STD,
         ),
@@ -182,7 +182,7 @@ RECIPES: dict[str, Recipe] = {
             "kaiko-vitl14", "timm", "vit_large_patch14_reg4_dinov2", {"img_size": 518},
             224, 0.5, "cls", 5, 1024, "float32",
             "1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms",
-            ("model.safetensors",), "open (kaiko.ai licence)",
+            ("model.safetensors",), "open (timm port by 1aurent)",
             "Aben et al., arXiv 2404.15217",
             f"{TRIDENT} KaikoL14InferenceEncoder (built at 518, run at 224)",
             KAIKO_MEAN, KAIKO_STD,
@@ -389,3 +389,15 @@ def weights_found(recipe: Recipe, cfg=None) -> str:
         return cfg.weights if Path(cfg.weights).exists() else "no"
     local = cached_file(recipe)
     return "HF cache" if local else "no"
+
+
+def listing(cfg=None) -> list[tuple[str, ...]]:
+    """One row per recipe for ``wsimil extractors``, after a header row."""
+    rows = [("name", "dim", "px", "mpp", "dtype", "weights (HF repo)", "found here", "licence")]
+    for r in RECIPES.values():
+        found = weights_found(r, cfg)
+        if r.package:
+            found += f" (needs: {r.package})"
+        facts = (str(r.dim), str(r.input_px), f"{r.mpp:g}", r.dtype, r.hf_repo)
+        rows.append((r.name, *facts, found, r.licence))
+    return rows
