@@ -173,3 +173,26 @@ def test_local_state_dict_is_loaded_and_hashed(tmp_path, shared_data):
     cfg = FeaturesConfig(extractor="kaiko-vits16", weights=str(bad), device="cpu")
     with pytest.raises(ExtractorError, match="does not fit extractor kaiko-vits16"):
         build_extractor(cfg, 224)
+
+
+def test_extractors_command_lists_every_recipe_one_line_each(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    from wsimil.extract.recipes import listing
+
+    folder = tmp_path / "uni2-h"
+    folder.mkdir()
+    rows = listing(FeaturesConfig(extractor="uni2-h", weights=str(folder)))
+    found = {r[0]: r[6] for r in rows[1:]}
+    assert found["uni2-h"] == str(folder) and found["virchow2"] in ("no", "HF cache")
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "wsimil", "extractors", "-p", str(repo_root / "params.yaml")],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    for name, recipe in RECIPES.items():
+        (line,) = [x for x in out if x.split()[0] == name]
+        assert line.split()[1:4] == [str(recipe.dim), str(recipe.input_px), f"{recipe.mpp:g}"]
+        assert recipe.hf_repo in line and recipe.licence in line
