@@ -196,3 +196,21 @@ def test_extractors_command_lists_every_recipe_one_line_each(tmp_path, repo_root
         (line,) = [x for x in out if x.split()[0] == name]
         assert line.split()[1:4] == [str(recipe.dim), str(recipe.input_px), f"{recipe.mpp:g}"]
         assert recipe.hf_repo in line and recipe.licence in line
+
+
+def test_model_card_shows_the_recipe_and_its_dimension():
+    from wsimil.serve.model_card import model_card
+    from wsimil.serve.registry import version_tags
+    from wsimil.train.manifest import Manifest
+
+    doc = Manifest("abmil", {}, ("20x",), (1536,), ("normal", "tumour"), (0, 1))
+    extraction = {"extractor": "uni2-h", "weights": "random", "weights_sha256": ""}
+    extraction |= {"feature_dim": 1536, "stain_norm": "macenko"}
+    tags = version_tags(doc, {}, extraction)
+    assert tags["extractor_dim"] == "1536" and tags["stain_norm"] == "macenko"
+    card = model_card("wsimil-demo", doc, tags)
+    assert "extractor `uni2-h` (recipe: Chen et al." in card
+    assert "`MahmoodLab/UNI2-h`" in card and "1536-D" in card
+    assert "stain normalisation macenko" in card
+    plain = model_card("wsimil-demo", doc, {"extractor": "resnet18", "extractor_dim": "512"})
+    assert "extractor `resnet18`,\n  512-D" in plain
