@@ -214,3 +214,13 @@ def test_model_card_shows_the_recipe_and_its_dimension():
     assert "stain normalisation macenko" in card
     plain = model_card("wsimil-demo", doc, {"extractor": "resnet18", "extractor_dim": "512"})
     assert "extractor `resnet18`,\n  512-D" in plain
+
+
+def test_a_snapshot_folder_in_params_is_project_relative(tmp_path):
+    from wsimil.config import Params
+
+    (tmp_path / "models" / "uni2-h").mkdir(parents=True)
+    params = Params(features=FeaturesConfig(extractor="uni2-h", weights="models/uni2-h"))
+    resolved = params.under(tmp_path)
+    assert resolved.features.weights == str(tmp_path / "models" / "uni2-h")
+    assert resolved.relative_to(tmp_path).features.weights == "models/uni2-h"

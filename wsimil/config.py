@@ -340,8 +340,9 @@ class Params(Section):
         """These params with every path made absolute under the project root ``root``.
 
         Every ``Path`` field of a section is project-relative; so are ``features.extractor``
-        and ``features.weights`` when they name a file under ``root`` (a TorchScript
-        extractor, a state-dict file). Absolute paths and names stay as they are.
+        and ``features.weights`` when they name a file or folder under ``root`` (a
+        TorchScript extractor, a state-dict file, a Hugging Face snapshot folder).
+        Absolute paths and names stay as they are.
         """
         root = Path(root)
         update = {}
@@ -350,7 +351,7 @@ class Params(Section):
             paths = {k: root / v for k, v in section if isinstance(v, Path)}
             if name == "features":
                 files = {k: root / getattr(section, k) for k in ("extractor", "weights")}
-                paths.update({k: str(f) for k, f in files.items() if f.is_file()})
+                paths.update({k: str(f) for k, f in files.items() if f.exists()})
             update[name] = section.model_copy(update=paths)
         return self.model_copy(update=update)
 
