@@ -83,3 +83,29 @@ def test_stain_settings_are_checked(tmp_path):
     )  # fmt: skip
     with pytest.raises(ExtractorError, match="stain_reference .*nope.png does not exist"):
         build_extractor(cfg, 32)
+
+
+def test_features_for_slide_re_embeds_when_the_stain_setting_changes(tiny_cohort, tmp_path, kather):
+    from wsimil.config import TilesConfig
+    from wsimil.extract.cache import features_dir, read_bag
+    from wsimil.extract.features import features_for_slide
+    from wsimil.extract.slide import SlideRef
+    from wsimil.extract.tiles import tiles_for_slide
+
+    out, table = tiny_cohort
+    ref = SlideRef("s0", out / table.path[0])
+    sel, _ = tiles_for_slide(ref, TilesConfig(tile_px=64, top_k=4), tmp_path / "tiles")
+    plain = FeaturesConfig(extractor="kaiko-vits16", weights="random", num_workers=0, device="cpu")
+    root = features_dir(tmp_path / "features", plain.extractor)
+    assert root == tmp_path / "features" / "kaiko-vits16"  # data/features/<recipe>/...
+    first = features_for_slide(ref, sel, build_extractor(plain, 64), plain, root)
+    bag = read_bag(root / "10x" / "s0.h5")
+    assert bag.features.shape == (4, 384) and bag.attrs["feature_dim"] == 384
+    assert bag.attrs["extractor"] == "kaiko-vits16" and "stain_norm" not in bag.attrs
+    stained = plain.model_copy(update={"stain_norm": "macenko", "stain_reference": kather[1]})
+    ex = build_extractor(stained, 64)
+    second = features_for_slide(ref, sel, ex, stained, root)
+    assert not first.skipped and not second.skipped
+    attrs = read_bag(root / "10x" / "s0.h5").attrs
+    assert attrs["stain_norm"] == "macenko" and len(attrs["stain_reference_sha256"]) == 64
+    assert features_for_slide(ref, sel, ex, stained, root).skipped  # same setting: reused
