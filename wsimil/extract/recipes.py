@@ -60,13 +60,6 @@ class Recipe:
     def gated(self) -> bool:
         return self.licence.startswith("gated")
 
-    @property
-    def params_billion(self) -> float:
-        """Parameter count in billions, counted on the meta device (no memory)."""
-        with torch.device("meta"):
-            model = make_model(self)
-        return sum(p.numel() for p in model.parameters()) / 1e9
-
 
 def _swiglu() -> dict:
     import timm.layers
