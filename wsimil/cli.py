@@ -476,6 +476,24 @@ def presets(
 
 
 @app.command()
+def extractors(
+    sets: SetOption = None,
+    preset: PresetOption = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """List the foundation-model recipes features.extractor takes, and whether their weights
+    are on this machine (the local Hugging Face cache, or features.weights)."""
+    params, _ = project(params_path, sets, preset)
+    from wsimil.extract.recipes import listing
+
+    rows = listing(params.features)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for *cols, licence in rows:
+        typer.echo("  ".join([*(c.ljust(w) for c, w in zip(cols, widths, strict=True)), licence]))
+    typer.echo("any other name is built by timm (features.extractor: resnet18, ...)")
+
+
+@app.command()
 def reproduce(
     model_or_run: Annotated[
         str, typer.Argument(help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID")

@@ -115,8 +115,12 @@ class FeaturesConfig(Section):
 
     out_dir: Path = Path("data/features")
     report: Path = Path("reports/features.csv")
-    extractor: str = Field("resnet101", description="table name, timm name, TorchScript file")
-    weights: str = Field("pretrained", description="pretrained | random | state-dict file")
+    extractor: str = Field(
+        "resnet101", description="recipe (`wsimil extractors`), table name, timm name, file"
+    )
+    weights: str = Field(
+        "pretrained", description="pretrained | random | weights file | HF snapshot folder"
+    )
     allow_network: bool = Field(False, description="may download weights / hub models")
     init_seed: int = Field(0, description="seed of `weights: random`")
     input_px: int | None = Field(None, ge=16, description="resize tiles for the network")
@@ -127,6 +131,19 @@ class FeaturesConfig(Section):
     deterministic: bool = Field(
         False, description="deterministic torch kernels (GPU: slower; CPU is bit-exact anyway)"
     )
+    stain_norm: Literal["macenko", "reinhard"] | None = Field(
+        None, description="stain normalisation before the network (null: none)"
+    )
+    stain_reference: Path | None = Field(None, description="reference tile for stain_norm")
+
+    @model_validator(mode="after")
+    def _stain_reference_given(self):
+        if self.stain_norm and self.stain_reference is None:
+            raise ValueError(
+                f"features.stain_norm is {self.stain_norm} but features.stain_reference is "
+                "not set: point it at a reference tile image"
+            )
+        return self
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -406,8 +423,9 @@ class Params(Section):
         """These params with every path made absolute under the project root ``root``.
 
         Every ``Path`` field of a section is project-relative; so are ``features.extractor``
-        and ``features.weights`` when they name a file under ``root`` (a TorchScript
-        extractor, a state-dict file). Absolute paths and names stay as they are.
+        and ``features.weights`` when they name a file or folder under ``root`` (a
+        TorchScript extractor, a state-dict file, a Hugging Face snapshot folder).
+        Absolute paths and names stay as they are.
         """
         root = Path(root)
         update = {}
@@ -416,7 +434,7 @@ class Params(Section):
             paths = {k: root / v for k, v in section if isinstance(v, Path)}
             if name == "features":
                 files = {k: root / getattr(section, k) for k in ("extractor", "weights")}
-                paths.update({k: str(f) for k, f in files.items() if f.is_file()})
+                paths.update({k: str(f) for k, f in files.items() if f.exists()})
             update[name] = section.model_copy(update=paths)
         return self.model_copy(update=update)
 

@@ -217,6 +217,8 @@ class ExtractorSettings:
     weights_path: str = field(default="", compare=False)  # this machine's copy
     init_seed: int | None = None  # random weights only
     rule: int | None = None  # embed.FEATURES_RULE; None: recorded before rule versions
+    stain_norm: str | None = None  # macenko | reinhard; None: no stain normalisation
+    stain_reference_sha256: str | None = None  # the reference tile's hash
 
 
 RULE_ATTRS = {TileSettings: "tiles_code_version", ExtractorSettings: "code_version"}

@@ -2,6 +2,9 @@
 
 ``features.extractor`` names the network:
 
+- a foundation-model recipe (:data:`wsimil.extract.recipes.RECIPES`: ``uni``, ``uni2-h``,
+  ``virchow2``, ``h-optimus-0``, ``gigapath``, ``phikon-v2``, ``conch``, ``kaiko-*``, ...),
+  with its own architecture, input size, normalisation and pooling;
 - a table entry (:data:`EXTRACTORS`): ``resnet101`` (the DMSMIL paper: ImageNet ResNet-101,
   global average pool, 2048-D) or ``resnet50_trunc`` (CLAM / DTFD-MIL: ImageNet ResNet-50 up
   to layer3, global average pool, 1024-D);
@@ -35,6 +38,8 @@ from wsimil.device import DeviceError, resolve_device
 from wsimil.extract.cache import TORCHSCRIPT_SUFFIXES
 from wsimil.extract.extractor_files import sha256_file, state_dict_extractor, torchscript_extractor
 from wsimil.extract.network import Extractor, ExtractorError, Pooled, normalisation
+from wsimil.extract.recipes import RECIPES, build_recipe
+from wsimil.extract.stain import StainError, StainNormaliser
 from wsimil.seeding import use_deterministic_algorithms
 
 log = logging.getLogger(__name__)
@@ -66,15 +71,28 @@ EXTRACTORS: dict[str, Entry] = {
 
 def build_extractor(cfg, tile_px: int) -> Extractor:
     """Build the extractor ``cfg`` (``FeaturesConfig``) names, without touching the network
-    unless ``cfg.allow_network``.
+    unless ``cfg.allow_network``, with its stain normalisation (``cfg.stain_norm``).
 
     Args:
         cfg: the ``features`` section.
-        tile_px: tile side; the model sees ``cfg.input_px or tile_px`` pixels.
+        tile_px: tile side; the model sees ``cfg.input_px or tile_px`` pixels (a recipe:
+            ``cfg.input_px`` or its own input size).
 
     Raises:
-        ExtractorError: unknown name, missing or unfitting weights, hub without network.
+        ExtractorError: unknown name, missing or unfitting weights, hub without network,
+            an unusable stain reference.
     """
+    extractor = _network(cfg, tile_px)
+    method = getattr(cfg, "stain_norm", None)
+    if method:
+        try:
+            extractor.stain = StainNormaliser(method, cfg.stain_reference, extractor.device)
+        except StainError as exc:
+            raise ExtractorError(str(exc)) from None
+    return extractor
+
+
+def _network(cfg, tile_px: int) -> Extractor:
     name, weights = cfg.extractor, cfg.weights
     try:
         device = resolve_device(cfg.device, "features.device")
@@ -90,13 +108,16 @@ def build_extractor(cfg, tile_px: int) -> Extractor:
             "true to download the weights once into the local cache, or point "
             "features.weights at a local copy"
         )
+    if name in RECIPES:
+        return build_recipe(RECIPES[name], cfg, common)
     import timm
 
     entry = EXTRACTORS.get(name)
     arch = entry.timm_name if entry else name
     if not hub and not timm.is_model(arch):
         raise ExtractorError(
-            f"unknown extractor {name!r}: use one of {sorted(EXTRACTORS)}, a timm model name "
+            f"unknown extractor {name!r}: use a recipe ({', '.join(RECIPES)}; `wsimil "
+            f"extractors`), one of {sorted(EXTRACTORS)}, a timm model name "
             "(timm.list_models()), a TorchScript file, or hf-hub:<repo> with allow_network"
         )
     if entry and entry.out_index is not None:  # truncated trunk: keep stages up to out_index
@@ -222,10 +243,11 @@ def shared_extractor(cfg, tile_px: int) -> Extractor:
 def _shared_key(cfg, tile_px: int) -> tuple:
     """What the network depends on, including the size and time stamp of a local file."""
     fields = ("extractor", "weights", "allow_network", "init_seed", "input_px", "device")
+    fields += ("stain_norm", "stain_reference")
     stamps = []
-    for name in (cfg.extractor, cfg.weights):
+    for name in (cfg.extractor, cfg.weights, str(getattr(cfg, "stain_reference", ""))):
         path = Path(name)
         if path.suffix and path.is_file():
             stat = path.stat()
             stamps.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return (*(getattr(cfg, f) for f in fields), tile_px, *stamps)
+    return (*(getattr(cfg, f, None) for f in fields), tile_px, *stamps)

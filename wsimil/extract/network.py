@@ -6,11 +6,13 @@ normalisation, device and precision, and carries what the feature cache records 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from wsimil.extract.precision import autocast, autocast_dtype, precision_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +58,8 @@ class Extractor:
         std: tuple[float, ...] = IMAGENET_STD,
         device: str | torch.device = "cpu",
         probe_px: int = 224,
+        dtype_advice: str | None = None,
+        resize_px: int | None = None,
     ):
         self.name = name
         self.device = torch.device(device)
@@ -67,13 +71,12 @@ class Extractor:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.cuda = self.device.type == "cuda"
-        self.amp_dtype = None
+        self.amp_dtype = autocast_dtype(self.device, dtype_advice)  # None on the CPU
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.precision = (
-            f"{self.amp_dtype}-autocast".replace("torch.", "") if self.cuda else "float32"
-        )
+        self.precision = precision_name(self.amp_dtype)
+        self.resize_px = resize_px  # a recipe's input side (tiles resized on the device)
+        self.stain = None  # a wsimil.extract.stain.StainNormaliser, set by build_extractor
         self.lock = threading.Lock()
         try:  # one dry batch: the feature width, and a clear error if the tile size does not fit
             probe = self(torch.zeros(1, 3, probe_px, probe_px, dtype=torch.uint8))
@@ -87,11 +90,14 @@ class Extractor:
         self.dim = int(probe.shape[1])
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        amp = (
-            torch.autocast("cuda", dtype=self.amp_dtype) if self.cuda else contextlib.nullcontext()
-        )
-        with self.lock, torch.inference_mode(), amp:
-            x = batch.to(self.device, non_blocking=True).float()  # (B, 3, H, W) in 0..255
+        with self.lock, torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            batch = batch.to(self.device, non_blocking=True)  # (B, 3, H, W) uint8
+            if self.stain is not None:
+                batch = self.stain(batch)
+            x = batch.float()  # (B, 3, H, W) in 0..255
+            if self.resize_px and x.shape[-1] != self.resize_px:
+                size = (self.resize_px, self.resize_px)
+                x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
             x = (x / 255.0 - self.mean) / self.std
             if self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -106,6 +112,8 @@ class Extractor:
         }
         if self.init_seed is not None:
             out["init_seed"] = self.init_seed
+        if self.stain is not None:
+            out.update(self.stain.provenance())
         return out
 
 

@@ -100,6 +100,11 @@ def build_recorded_extractor(extraction: dict, weights_file: Path | None, device
     check_rules(record)
     ex = record.extractor
     name, weights = ex.extractor, ex.weights
+    if ex.stain_norm:  # the reference tile does not travel with the model (yet)
+        raise ExtractionError(
+            f"extractor {name} ran with features.stain_norm {ex.stain_norm}, which slide-path "
+            "input cannot replay; send precomputed features instead"
+        )
     if weights != "random" and weights_file is None:
         raise ExtractionError(
             f"extractor {name} ({weights}) needs its weight file, which this model does not "

@@ -6,6 +6,16 @@ from wsimil.models import MODELS
 from wsimil.train.manifest import Manifest
 
 
+def recipe_note(extractor: str) -> str:
+    """`` (recipe: <paper>, <HF repo>, <licence>)`` for a foundation-model recipe, else ``""``."""
+    from wsimil.extract.recipes import RECIPES
+
+    recipe = RECIPES.get(extractor)
+    if recipe is None:
+        return ""
+    return f" (recipe: {recipe.paper}; `{recipe.hf_repo}`; {recipe.licence})"
+
+
 def model_card(name: str, doc: Manifest, tags: dict[str, str]) -> str:
     """Markdown for one version of ``name``.
 
@@ -50,8 +60,9 @@ Per instance: the fold-mean score, top instances returned with their coordinates
 ## Data
 - cohort: {get("cohort")}; {get("n_slides")} slides; data version (DVC md5 of the
   feature cache): `{get("data_version")}`
-- features: extractor `{get("extractor")}`, weights `{weights}` (SHA-256
-  `{get("extractor_weights_sha256")[:16]}`)
+- features: extractor `{get("extractor")}`{recipe_note(get("extractor"))},
+  {get("extractor_dim")}-D, weights `{weights}` (SHA-256
+  `{get("extractor_weights_sha256")[:16]}`), stain normalisation {get("stain_norm")}
 - code: git `{get("git_commit")}` (uncommitted changes: {get("git_dirty")}); source
   cross-validation run `{get("source_run_id")}`
 

@@ -272,6 +272,8 @@ def version_tags(doc: Manifest, lineage: dict[str, str], extraction: dict | None
         tags["extractor"] = str(extraction["extractor"])
         tags["extractor_weights"] = str(extraction["weights"])
         tags["extractor_weights_sha256"] = str(extraction["weights_sha256"]) or "none"
+        tags["extractor_dim"] = str(extraction.get("feature_dim", "unknown"))
+        tags["stain_norm"] = str(extraction.get("stain_norm") or "none")
     return tags
 
 
