@@ -213,7 +213,9 @@ def test_requirements_cover_every_import_of_the_served_code(repo_root):
         "wsimil.extract.replay" in seen and "wsimil.extract.extractors" in seen
     )  # slide input is covered
     dists = importlib.metadata.packages_distributions()
-    needed = {canonical_name(d) for top in third_party for d in dists[top]}
+    # MahmoodLab's conch (the CONCH recipe) is not in the lock: its error names the install
+    assert {top for top in third_party if top not in dists} <= {"conch"}
+    needed = {canonical_name(d) for top in third_party for d in dists.get(top, ())}
     pinned = {canonical_name(p) for p in SERVING_PACKAGES}
     assert needed <= pinned, f"imported by the served code but not pinned: {needed - pinned}"
 

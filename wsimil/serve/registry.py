@@ -55,6 +55,8 @@ SERVING_PACKAGES = (
     "huggingface-hub", "numpy", "pandas", "safetensors", "pydantic", "pyyaml", "pot", "h5py",
     "pillow", "openslide-python", "openslide-bin", "tqdm",
     "fastapi",  # serve/limits.py guards the scoring server's app
+    "opencv-python-headless",  # the tissue rule's mask, replayed for a slide path
+    "transformers", "torchstain",  # the Phikon-v2 recipe; stain normalisation's code
 )  # fmt: skip
 METRIC_TAGS = ("auc_mean", "auc_std", "acc_mean", "acc_std", "f1_mean", "f1_std")
 PREDICTIONS = Path("report") / "predictions.csv"  # beside models/, as crossval writes them
