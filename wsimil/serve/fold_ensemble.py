@@ -35,6 +35,11 @@ from wsimil.models import MODELS, MILModel, build_model, collate
 from wsimil.serve.one_pass import StackedFolds
 from wsimil.train.manifest import EnsembleError, Manifest
 
+# The one pass holds every fold's activations at once (k copies of the bag's standardised
+# features and more): above this many input values (a 20,000 x 1024-D bag is 20.5 M) the
+# folds run one after another, so serving a whole-tissue bag stays within a few bag copies.
+ONE_PASS_MAX_VALUES = 4_000_000
+
 
 @dataclass(frozen=True)
 class BagResult:
@@ -116,7 +121,7 @@ class FoldEnsemble:
             None if grid is None else [[torch.from_numpy(np.asarray(g, np.int64)) for g in grid]]
         )
         bags = collate([feats], grids).to(self.device)
-        if self.stacked is not None:
+        if self.stacked is not None and sum(f.numel() for f in feats) <= ONE_PASS_MAX_VALUES:
             probs, scores = self.stacked(bags)  # (k, 1, C); (k, 1, N_s) per scale
         else:  # one forward per fold model
             outs = [model(bags) for model in self.models]
