@@ -77,6 +77,11 @@ def mlflow_store(uri: str):
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        # set_experiment also keeps the experiment's id in the process: in another store
+        # that id names nothing ("No Experiment with id=2 exists" in the next test)
+        import mlflow.tracking.fluent
+
+        mlflow.tracking.fluent._active_experiment_id = None
         for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
             del os.environ[k]
         os.environ.update(saved)
