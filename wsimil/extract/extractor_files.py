@@ -22,13 +22,20 @@ HEAD_PREFIXES = ("fc.", "head.", "classifier.", "layer4.")  # keys a truncated m
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch pickle (weights only), unwrapped."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict from .safetensors or a torch pickle (weights only), unwrapped.
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    Raises:
+        ExtractorError: the file cannot be read as a state dict.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExtractorError(f"{path}: cannot be read as a state dict ({exc})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -54,12 +61,7 @@ def state_dict_extractor(
         )
     if is_torchscript(path):
         raise ExtractorError(f"{path} is a TorchScript model: set features.extractor to it")
-    try:
-        state = load_state_dict(path)
-    except ExtractorError:
-        raise
-    except Exception as exc:
-        raise ExtractorError(f"{path}: cannot be read as a state dict ({exc})") from None
+    state = load_state_dict(path)
     model = make_model()
     misfit = f"{path} does not fit extractor {name} (timm {arch})"
     try:

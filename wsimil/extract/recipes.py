@@ -347,12 +347,7 @@ def _load(recipe: Recipe, path: Path) -> nn.Module:
             raise ExtractorError(
                 f"{path.parent}: not a {recipe.hf_repo} snapshot ({exc}); {download_hint(recipe)}"
             ) from None
-    try:
-        state = load_state_dict(path)
-    except ExtractorError:
-        raise
-    except Exception as exc:
-        raise ExtractorError(f"{path}: cannot be read as a state dict ({exc})") from None
+    state = load_state_dict(path)
     model = make_model(recipe)
     try:
         result = model.load_state_dict(state, strict=False)
