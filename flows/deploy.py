@@ -22,7 +22,7 @@ def deployments(params_path: Path = ROOT / "params.yaml") -> list:
     """One deployment per flow, tagged ``wsimil``."""
     from train import crossval_flow, pipeline_flow, register_flow, tune_flow
 
-    from wsimil.cli import project
+    from wsimil.cli.options import project
     from wsimil.extract.flows import extract_features, select_tiles
 
     params, root = project(params_path)  # every path absolute under the project root
