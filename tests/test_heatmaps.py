@@ -30,3 +30,12 @@ def test_heatmap_is_written(tmp_path):
                  "t", mask=mask, mask_downsample=64)  # fmt: skip
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape[0] > 50 and img.std() > 5  # something was drawn
+
+
+def test_heatmap_with_legend_and_no_scores_leaves_only_the_picture(tmp_path):
+    canvas = np.full((40, 80, 3), 255, np.uint8)
+    for name, coords, scores in [("a", np.array([[0.0, 0.0], [64.0, 0.0]]), np.array([0.2, 0.2])),
+                                 ("b", np.zeros((0, 2)), np.zeros(0))]:  # fmt: skip
+        save_heatmap(tmp_path / "maps" / f"{name}.png", canvas, 2.0, coords, 64.0, scores, name,
+                     legend="instance score: attention (20x tiles)")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["a.png", "b.png"]

@@ -5,10 +5,15 @@ A tile's ground truth is the share of its footprint that the tumour mask covers;
 instance score (DTFD's instance probability, an attention weight) ranks tumour tiles
 above the others, which is how the DTFD paper's claim (instance probabilities localise
 better than attention) can be checked on the synthetic cohort.
+
+:func:`save_heatmap` is the one heatmap drawer: the cross-validation report's pictures and
+``wsimil predict``'s (:mod:`wsimil.serve.slide_maps`) both go through it, as every figure
+goes through :func:`save_figure` (temporary name, then rename).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,35 +49,73 @@ def localisation_auc(scores: np.ndarray, tumour_share: np.ndarray) -> float:
     return float(roc_auc_score(truth, np.asarray(scores, dtype=np.float64)))
 
 
-def save_heatmap(
-    path: Path,
-    thumbnail: np.ndarray,
-    thumb_downsample: float,
-    coords: np.ndarray,
-    tile_size_level0: float,
-    scores: np.ndarray,
-    title: str,
-    mask: np.ndarray | None = None,
-    mask_downsample: float = 1.0,
-) -> None:
-    """Draw tiles coloured by score over the slide thumbnail (and the mask outline)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """``fig`` as a PNG at ``path`` (temporary name, then rename); the figure is closed."""
+    plt = pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def save_heatmap(
+    path: Path,
+    image: np.ndarray,
+    downsample: float,
+    coords: np.ndarray,
+    side: float,
+    scores: np.ndarray,
+    title: str,
+    *,
+    legend: str = "instance score",
+    mask: np.ndarray | None = None,
+    mask_downsample: float = 1.0,
+) -> None:
+    """Tiles coloured by score over ``image``, with a colour bar (and the mask's outline).
+
+    Args:
+        image: (H, W, 3) RGB; one pixel = ``downsample`` level-0 pixels (a thumbnail, or a
+            blank canvas of the tiles' extent).
+        coords: (N, 2) tile top-left (x, y) at level-0 pixels; ``side`` their side there.
+        scores: (N,) one colour scale per picture, from their min to their max.
+        legend: the colour bar's label (the score's name and scale).
+        mask: (H_m, W_m) boolean tumour mask, drawn as a cyan outline; one pixel =
+            ``mask_downsample`` level-0 pixels.
+    """
+    plt = pyplot()
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    fig, ax = plt.subplots(figsize=(6, 6 * thumbnail.shape[0] / thumbnail.shape[1] + 0.6))
-    ax.imshow(thumbnail)
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 6 * h / w)))
+    ax.imshow(image)
     s = np.asarray(scores, dtype=np.float64)
-    span = s.max() - s.min()
-    norm = (s - s.min()) / span if span > 0 else np.zeros_like(s)
-    cmap = plt.get_cmap("inferno")
-    side = tile_size_level0 / thumb_downsample
-    for (x, y), v in zip(coords / thumb_downsample, norm, strict=True):
-        ax.add_patch(Rectangle((x, y), side, side, color=cmap(v), alpha=0.55, linewidth=0))
+    low, high = (float(s.min()), float(s.max())) if len(s) else (0.0, 1.0)
+    if high <= low:
+        high = low + 1e-9
+    cells = [
+        Rectangle((x, y), side / downsample, side / downsample) for x, y in coords / downsample
+    ]
+    tiles = PatchCollection(cells, cmap="inferno", alpha=0.6, linewidths=0)
+    tiles.set_array(s)
+    tiles.set_clim(low, high)
+    ax.add_collection(tiles)
     if mask is not None and mask.any():
-        scale = mask_downsample / thumb_downsample
+        scale = mask_downsample / downsample
         ax.contour(
             np.arange(mask.shape[1]) * scale,
             np.arange(mask.shape[0]) * scale,
@@ -81,8 +124,9 @@ def save_heatmap(
             colors="cyan",
             linewidths=1,
         )
+    bar = fig.colorbar(tiles, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label(legend)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

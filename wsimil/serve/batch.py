@@ -35,14 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsimil.experiment.heatmaps import save_heatmap
 from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
-from wsimil.serve.slide_maps import (
-    MONTAGE_TILE_PX,
-    blank_canvas,
-    save_heatmap,
-    save_montage,
-    thumbnail,
-)
+from wsimil.serve.slide_maps import MONTAGE_TILE_PX, blank_canvas, save_montage, thumbnail
 from wsimil.serve.tile_geojson import tile_side
 
 SLIDE_SUFFIXES = (
@@ -301,8 +296,8 @@ def _write_slide_files(item: SlideInput, answer: dict, out_dir: Path, montage_k:
             canvas, cds = (image, ds) if image is not None else blank_canvas(coords, side)
             save_heatmap(
                 out_dir / "heatmaps" / f"{item.slide_id}_{scale}.png",
-                canvas, cds, coords, side, scores,
-                score_name=answer["instance_score"], scale=scale, title=title,
+                canvas, cds, coords, side, scores, title,
+                legend=f"instance score: {answer['instance_score']} ({scale} tiles)",
             )  # fmt: skip
         if slide is not None and montage_k > 0:
             finest = top[:montage_k]  # the last scale drawn is the finest; best first

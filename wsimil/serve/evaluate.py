@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsimil.experiment.heatmaps import pyplot, save_figure
 from wsimil.serve.batch import write_json
-from wsimil.serve.slide_maps import pyplot, save_atomic
 from wsimil.train.metrics import METRICS, bootstrap_ci
 
 LEVELS = ("slide", "patient")
@@ -177,7 +177,7 @@ def plot_roc(tables: dict, classes: list[str], doc: dict, path: Path) -> None:
     ax.set_title(f"{doc['cohort']}: ROC, 95 % bootstrap CI", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    save_atomic(fig, path)
+    save_figure(fig, path)
 
 
 def plot_calibration(table: pd.DataFrame, classes: list[str], path: Path, bins: int = 10):
@@ -198,7 +198,7 @@ def plot_calibration(table: pd.DataFrame, classes: list[str], path: Path, bins: 
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    save_atomic(fig, path)
+    save_figure(fig, path)
 
 
 def log_evaluation(doc: dict, out_dir: Path, experiment: str) -> str:
