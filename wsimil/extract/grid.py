@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil.extract.geojson import feature_collection, write_geojson
+from wsimil.extract.geojson import contour_collection, write_geojson
 from wsimil.extract.ids import under
 from wsimil.extract.slide import Scale, Slide
 from wsimil.extract.tissue import TissueMask, qc_thumbnail, tissue_mask, write_png
@@ -162,5 +162,5 @@ def write_tissue_outputs(tiles_dir: Path, sel, tm: TissueMask, tile_size_level0:
     """The mask, its GeoJSON contours and the QC thumbnail of one slide (each atomic)."""
     paths = qc_paths(tiles_dir, sel.slide_id)
     write_png(paths[".mask.png"], tm.mask.astype(np.uint8) * 255)
-    write_geojson(paths[".geojson"], feature_collection(tm.polygons, "Tissue"))
+    write_geojson(paths[".geojson"], contour_collection(tm.polygons, "Tissue"))
     write_png(paths[".qc.png"], qc_thumbnail(tm, sel.coords_20x, tile_size_level0))

@@ -8,12 +8,15 @@ dropping it on the viewer).
 
 A tile's side comes from its level-0 top-left ``coords`` and its ``grid`` cell (wsimil
 places tile (col, row) at ``round(col · side)``), so a served answer can carry the file
-without knowing how the tiles were cut. Knows nothing of MLflow.
+without knowing how the tiles were cut. Knows nothing of MLflow. The Feature, the
+FeatureCollection and the file are :mod:`wsimil.extract.geojson`'s.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from wsimil.extract.geojson import feature, feature_collection, polygon
 
 
 def tile_side(coords: np.ndarray, grid: np.ndarray | None) -> float | None:
@@ -40,22 +43,15 @@ def tile_features(
     out = []
     for i, ((x, y), v) in enumerate(zip(np.asarray(coords, dtype=np.float64), scores, strict=True)):
         x0, y0, x1, y1 = float(x), float(y), float(x + side), float(y + side)
-        out.append(
-            {
-                "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
-                },
-                "properties": {
-                    "objectType": "tile",
-                    "name": f"{scale} tile {i}",
-                    "measurements": {score_name: float(v)},
-                    "scale": scale,
-                    "index": i,
-                },
-            }
-        )
+        square = polygon([[(x0, y0), (x1, y0), (x1, y1), (x0, y1)]])
+        properties = {
+            "objectType": "tile",
+            "name": f"{scale} tile {i}",
+            "measurements": {score_name: float(v)},
+            "scale": scale,
+            "index": i,
+        }
+        out.append(feature(square, properties))
     return out
 
 
@@ -68,11 +64,7 @@ def tiles_geojson(
     features = []
     for scale, (scores, coords, side) in per_scale.items():
         features += tile_features(scores, coords, side, score_name, scale)
-    return {
-        "type": "FeatureCollection",
-        "properties": {"bag_id": bag_id, "measurement": score_name},
-        "features": features,
-    }
+    return feature_collection(features, {"bag_id": bag_id, "measurement": score_name})
 
 
 def bag_geojson(
