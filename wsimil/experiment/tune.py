@@ -29,6 +29,7 @@ import mlflow
 import optuna
 
 from wsimil import progress
+from wsimil.atomic import write_text
 from wsimil.config import ConfigError, Params, SearchParam, with_overrides
 from wsimil.experiment.crossval import CVResult, FoldResult
 from wsimil.experiment.tracking import start_top_run
@@ -248,9 +249,7 @@ def write_best(study: optuna.Study, family: str, out_dir: Path, client, parent_i
     shutil.copytree(src, tmp)
     shutil.rmtree(out_dir / "best", ignore_errors=True)
     os.replace(tmp, out_dir / "best")
-    tmp_json = out_dir / f".best.json.{os.getpid()}.tmp"
-    tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp_json, out_dir / "best.json")
+    write_text(out_dir / "best.json", json.dumps(doc, indent=1) + "\n")
     # Best params are tags, not params: MLflow params are write-once, and a later worker
     # may find a better trial.
     client.log_metric(parent_id, "best_value", best.value)

@@ -11,11 +11,11 @@ geometry builders differ; :func:`polygon`, :func:`feature`, :func:`feature_colle
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from wsimil.atomic import write_json
 
 
 def polygon(rings) -> dict:
@@ -45,14 +45,7 @@ def feature_collection(features: list[dict], properties: dict | None = None) -> 
 
 def write_geojson(path: Path, collection: dict) -> None:
     """Write ``collection`` to ``path`` atomically (temporary name, rename), compact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(collection, separators=(",", ":")))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, collection, separators=(",", ":"))
 
 
 def contour_collection(

@@ -6,12 +6,12 @@ exits non-zero at the end.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from wsimil.atomic import write_json, write_text
 
 STATUSES = ("done", "cached", "failed")  # computed now | up to date, skipped | error
 
@@ -32,14 +32,10 @@ class SlideOutcome:
 def write_report(path: Path, outcomes: list[SlideOutcome], summary: dict) -> None:
     """Write ``path`` (CSV, one row per slide) and the same stem ``.json`` (summary + rows)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [asdict(o) for o in outcomes]
     counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(rows, columns=list(SlideOutcome.__dataclass_fields__)).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    table = pd.DataFrame(rows, columns=list(SlideOutcome.__dataclass_fields__))
+    write_text(path, table.to_csv(index=False))
     doc = {**summary, "n_slides": len(outcomes), **{f"n_{s}": n for s, n in counts.items()}}
     doc["slides"] = rows
-    tmp = path.with_name(f".{path.stem}.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, path.with_suffix(".json"))
+    write_json(path.with_suffix(".json"), doc, indent=2, default=str)

@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsimil.atomic import write_text
 from wsimil.experiment.heatmaps import save_heatmap
+from wsimil.extract.geojson import write_geojson
 from wsimil.serve.pyfunc import SLIDE_ROOT_ENV
 from wsimil.serve.slide_maps import MONTAGE_TILE_PX, blank_canvas, save_montage, thumbnail
 from wsimil.serve.tile_geojson import tile_side
@@ -253,29 +255,14 @@ def patient_table(predictions: pd.DataFrame, classes: list[str]) -> pd.DataFrame
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, table.to_csv(index=False))
 
 
 def _write_slide_files(item: SlideInput, answer: dict, out_dir: Path, montage_k: int) -> None:
     """The slide's GeoJSON, one heatmap per scale and the top-k montage."""
     from wsimil.extract.slide import SlideRef, open_slide
 
-    write_json(answer["geojson"], out_dir / "geojson" / f"{item.slide_id}.geojson")
+    write_geojson(out_dir / "geojson" / f"{item.slide_id}.geojson", answer["geojson"])
     slide = open_slide(SlideRef(item.slide_id, item.slide_path)) if item.slide_path else None
     try:
         image = None

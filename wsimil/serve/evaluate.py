@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsimil.atomic import write_json
 from wsimil.experiment.heatmaps import pyplot, save_figure
-from wsimil.serve.batch import write_json
 from wsimil.train.metrics import METRICS, bootstrap_ci
 
 LEVELS = ("slide", "patient")
@@ -144,12 +144,12 @@ def evaluate(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(doc, out_dir / "metrics.json")
+    write_json(out_dir / "metrics.json", doc)
     plot_roc(tables, classes, doc, out_dir / "roc.png")
     plot_calibration(tables["slide"], classes, out_dir / "calibration.png")
     if track:
         doc["run_id"] = log_evaluation(doc, out_dir, experiment)
-        write_json(doc, out_dir / "metrics.json")
+        write_json(out_dir / "metrics.json", doc)
     return doc
 
 

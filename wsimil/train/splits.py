@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from wsimil.atomic import write_text
 from wsimil.config import CrossvalConfig, SynthConfig
 
 
@@ -118,11 +118,7 @@ def make_splits(table: pd.DataFrame, n_folds: int, val_folds: int, seed: int) ->
 
 
 def write_splits(splits: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(splits, indent=1) + "\n")
 
 
 def read_splits(path: Path, table: pd.DataFrame) -> dict:
