@@ -85,7 +85,7 @@ def run_fold(
     model = build_model(family, model_cfg, in_dims, len(classes), seed=seeds.init)
     result = fit(model, train, val, train_cfg, seeds=seeds, on_epoch=on_epoch)
     device = resolve_device(train_cfg.device)
-    val_proba, _, _ = predict(model, val, device)
+    val_proba, _, _ = predict(model, val, device, gradient_scores=False)
     y_val = np.array([b.label for b in val])
     binary = len(classes) == 2
     threshold = choose_threshold(y_val, val_proba[:, 1]) if binary else None
