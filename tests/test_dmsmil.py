@@ -224,23 +224,49 @@ def test_direction_init_spreads_points_within_c():
     assert len(angles) == 4
 
 
-def test_attribution_is_gradient_times_input_in_eval_mode_only():
-    model = dmsmil()
+def _log_odds(model: DMSMIL, xs, bags: Bags) -> torch.Tensor:
+    logits = model(Bags(xs, bags.mask, bags.grid), attribution=False).logits
+    return logits[:, 1] - logits[:, 0]
+
+
+def test_attribution_is_integrated_gradients_in_eval_mode_only():
+    model = dmsmil(attribution_steps=3)
     bags = two_scale_bags()
+    with torch.no_grad():  # a trained model's standardisation mean: the path's start
+        model.set_feature_stats([torch.randn(5), torch.randn(5)], [torch.ones(5)] * 2)
     assert "attribution" not in model(bags).scores  # training: no extra pass
     model.eval()
-    xs = tuple(x.clone().requires_grad_(True) for x in bags.x)
-    logits = model(Bags(xs, bags.mask, bags.grid), attribution=False).logits
-    grads = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), xs)
-    expected = [(g * x).sum(-1) * m for g, x, m in zip(grads, xs, bags.mask, strict=True)]
+    means = [model.feature_mean_0, model.feature_mean_1]
+    expected = [torch.zeros(2, n) for n in (bags.x[0].shape[1], bags.x[1].shape[1])]
+    for alpha in (1 / 6, 3 / 6, 5 / 6):  # the midpoints of m = 3 steps
+        xs = tuple(
+            (mu + alpha * (x - mu)).requires_grad_(True)
+            for x, mu in zip(bags.x, means, strict=True)
+        )
+        grads = torch.autograd.grad(_log_odds(model, xs, bags).sum(), xs)
+        for e, g, x, mu, m in zip(expected, grads, bags.x, means, bags.mask, strict=True):
+            e += (g * (x - mu)).sum(-1) * m / 3
     for context in (torch.no_grad, torch.inference_mode):  # predict and the served model
         with context():
             got = model(bags).scores["attribution"]
         for e, a in zip(expected, got, strict=True):
-            torch.testing.assert_close(a, e.detach(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
             assert not a.requires_grad
     assert all(p.grad is None for p in model.parameters())
     assert float(got[1][0][~bags.mask[1][0]].abs().sum()) == 0.0  # padding scores 0
+    model.gradient_scores = False  # what the fit loop's validation asks for
+    assert "attribution" not in model(bags).scores
+
+
+def test_attribution_is_complete_its_sum_is_the_logit_above_the_mean_bag():
+    # integrated gradients' completeness: Σ over tiles and scales = logit(x) − logit(μ)
+    model = dmsmil(attribution_steps=16).eval()
+    bags = two_scale_bags()
+    with torch.no_grad():
+        total = sum(a.sum(-1) for a in model(bags).scores["attribution"])
+        baseline = tuple(torch.zeros_like(x) for x in bags.x)  # μ = 0 before fitting
+        gap = _log_odds(model, bags.x, bags) - _log_odds(model, baseline, bags)
+    torch.testing.assert_close(total, gap, atol=2e-3, rtol=1e-2)
 
 
 def test_deformable_mixing_moves_the_contribution_off_the_tile_but_not_the_attribution():

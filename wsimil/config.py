@@ -207,6 +207,9 @@ class DMSMILConfig(Section):
     fusion_dim: int = Field(128, ge=1, description="V of the scale attention (Eq. 11)")
     lam: float = Field(1.0, ge=0, description="λ in L = L_ot + λ·L_ce (Eq. 14)")
     dropout: float = Field(0.0, ge=0, lt=1)
+    attribution_steps: int = Field(
+        8, ge=1, le=256, description="m of the integrated-gradients instance score"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> DMSMILConfig:

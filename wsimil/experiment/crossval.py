@@ -29,6 +29,7 @@ import yaml
 from wsimil import progress
 from wsimil.config import ModelConfig, TrainConfig
 from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
+from wsimil.experiment.regions import region_scores
 from wsimil.experiment.tracking import RESOLVED_PARAMS, flatten, git_state, start_top_run
 from wsimil.extract.ids import under
 from wsimil.models import MODELS, build_model
@@ -85,7 +86,7 @@ def run_fold(
     model = build_model(family, model_cfg, in_dims, len(classes), seed=seeds.init)
     result = fit(model, train, val, train_cfg, seeds=seeds, on_epoch=on_epoch)
     device = resolve_device(train_cfg.device)
-    val_proba, _, _ = predict(model, val, device)
+    val_proba, _, _ = predict(model, val, device, gradient_scores=False)
     y_val = np.array([b.label for b in val])
     binary = len(classes) == 2
     threshold = choose_threshold(y_val, val_proba[:, 1]) if binary else None
@@ -206,8 +207,9 @@ def localisation(
 ) -> dict[str, float]:
     """Mean per-slide localisation AUC of each instance score against the tumour masks.
 
-    Only for cohorts with a ``mask_path`` column (the synthetic one). Also draws heatmaps
-    of every score for the first ``n_heatmaps`` tumour-bearing test slides.
+    Only for cohorts with a ``mask_path`` column (the synthetic one). Two-scale scores are
+    also pooled per region (``<name>_region``, :mod:`wsimil.experiment.regions`). Also
+    draws heatmaps of every score for the first ``n_heatmaps`` tumour-bearing test slides.
     """
     if "mask_path" not in table.columns:
         return {}
@@ -224,6 +226,7 @@ def localisation(
             if not mask.any():
                 continue
             bag = bags[sid]
+            scores = with_regions(scores, bag)
             d = float(row.get("mask_downsample", 16))
             shares = [
                 tile_tumour_share(c, t, mask, d)
@@ -254,6 +257,17 @@ def localisation(
                     )
                 drawn += 1
     return {f"loc_auc_{k}": float(np.mean(v)) for k, v in per_score.items()}
+
+
+def with_regions(
+    scores: dict[str, tuple[np.ndarray, ...]], bag: SlideBag
+) -> dict[str, tuple[np.ndarray, ...]]:
+    """``scores`` plus, for each two-scale score, its region-pooled ``<name>_region``."""
+    out = dict(scores)
+    for name, per_scale in scores.items():
+        if len(per_scale) == 2:
+            out[f"{name}_region"] = region_scores(per_scale, bag.coords, bag.tile_level0)
+    return out
 
 
 def weights_bytes(state_dict: dict) -> bytes:

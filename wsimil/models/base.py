@@ -146,6 +146,9 @@ class MILModel(nn.Module, ABC):
     """
 
     n_scales: ClassVar[int] = 1
+    #: False: eval-mode forwards skip the instance scores that cost extra passes (DMSMIL's
+    #: attribution); the fit loop's per-epoch validation needs only the logits.
+    gradient_scores: bool = True
     config_key: ClassVar[str]
     primary_score: ClassVar[str]
     paper: ClassVar[str]

@@ -94,10 +94,27 @@ def train_step(
 
 @torch.no_grad()
 def predict(
-    model: MILModel, bags: Sequence[SlideBag], device: torch.device, batch_size: int = 1
+    model: MILModel,
+    bags: Sequence[SlideBag],
+    device: torch.device,
+    batch_size: int = 1,
+    *,
+    gradient_scores: bool = True,
 ) -> tuple[np.ndarray, list[dict[str, tuple[np.ndarray, ...]]], float]:
-    """Eval-mode class probabilities ``(n, C)``, per-slide instance scores and mean loss."""
+    """Eval-mode class probabilities ``(n, C)``, per-slide instance scores and mean loss.
+
+    ``gradient_scores=False`` leaves out the scores that cost extra passes (the
+    probabilities and the loss are the same).
+    """
     model.eval()
+    model.gradient_scores = gradient_scores
+    try:
+        return _predict(model, bags, device, batch_size)
+    finally:
+        model.gradient_scores = True
+
+
+def _predict(model, bags, device, batch_size):
     probs, scores, losses = [], [], []
     for batch in batches(bags, batch_size, np.arange(len(bags))):
         inputs, y = to_model_input(batch, device)
@@ -118,7 +135,7 @@ def predict(
 
 
 def _val_auc(model, val, device, batch_size) -> tuple[float, float]:
-    proba, _, loss = predict(model, val, device, batch_size)
+    proba, _, loss = predict(model, val, device, batch_size, gradient_scores=False)
     y = np.array([b.label for b in val])
     auc = slide_metrics(y, proba, threshold=0.5)["auc"]
     return (0.0 if math.isnan(auc) else auc), loss
