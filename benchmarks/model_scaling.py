@@ -15,10 +15,10 @@ threads under load, 7 µs with one). Each (model, N) runs in a fresh subprocess:
 memory is the process's resident-set high-water mark during the first step minus its
 resident set before it (inputs and weights excluded); the time is the median of the next
 steps, in CPU time of that process (with one thread, the step's own compute: other jobs on
-the machine do not count). A configuration that would take too long is skipped, and the table says why:
-exact OT on 20,000 x 20,000 points (a 3.2 GB float64 cost matrix inside POT and a network
-simplex over 4e8 arcs; not attempted), and full attention where its time extrapolated
-quadratically from the previous size exceeds --budget-s.
+the machine do not count). A configuration that would take too long is skipped, and the
+table says why: exact OT on 20,000 x 20,000 points (a 3.2 GB float64 cost matrix inside
+POT and a network simplex over 4e8 arcs; not attempted), and full attention where its time
+extrapolated quadratically from the previous size exceeds --budget-s.
 """
 
 from __future__ import annotations
