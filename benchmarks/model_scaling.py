@@ -1,10 +1,11 @@
 """Forward+backward time and peak memory against bag size, on CPU.
 
-    python benchmarks/model_scaling.py [--sizes 200 2000 20000] [--threads 1]
+    python benchmarks/model_scaling.py [--sizes 200 2000 20000] [--threads 1] [--rows ...]
 
 One training step (forward, loss, backward) of one bag of N instances per scale, 2048-D
 features, the params.yaml defaults of each model: ABMIL, DTFD-MIL, DMSMIL (deformable
-attention, OT off: the deformable part alone), DMSMIL with exact OT, and a full
+attention, OT off: the deformable part alone), DMSMIL with ``deformable: false`` and OT off
+(``dmsmil-plain``: the projection the attention follows), DMSMIL with exact OT, and a full
 self-attention reference (Linear 2048->512, one nn.MultiheadAttention layer with 8 heads,
 mean pooling, linear classifier). DMSMIL's instances sit on a ceil(sqrt(N))-wide grid.
 
@@ -13,10 +14,11 @@ multi-threaded timings of small operations erratic (a 200x64 tanh took 11 ms wit
 threads under load, 7 µs with one). Each (model, N) runs in a fresh subprocess: the peak
 memory is the process's resident-set high-water mark during the first step minus its
 resident set before it (inputs and weights excluded); the time is the median of the next
-steps. A configuration that would take too long is skipped, and the table says why:
-exact OT on 20,000 x 20,000 points (a 3.2 GB float64 cost matrix inside POT and a network
-simplex over 4e8 arcs; not attempted), and full attention where its time extrapolated
-quadratically from the previous size exceeds --budget-s.
+steps, in CPU time of that process (with one thread, the step's own compute: other jobs on
+the machine do not count). A configuration that would take too long is skipped, and the
+table says why: exact OT on 20,000 x 20,000 points (a 3.2 GB float64 cost matrix inside
+POT and a network simplex over 4e8 arcs; not attempted), and full attention where its time
+extrapolated quadratically from the previous size exceeds --budget-s.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import resource
 import time
 
 D_IN = 2048
-ROWS = ["abmil", "dtfd", "dmsmil", "dmsmil+ot", "full-attention"]
+ROWS = ["abmil", "dtfd", "dmsmil-plain", "dmsmil", "dmsmil+ot", "full-attention"]
 
 
 def _rss_mb() -> float:
@@ -71,7 +73,9 @@ def _measure(row: str, n: int, threads: int, repeats: int, queue: mp.Queue) -> N
     else:
         name = "dmsmil" if row.startswith("dmsmil") else row
         ot = "exact" if row == "dmsmil+ot" else "off"
-        cfg = cfg.model_copy(update={"dmsmil": cfg.dmsmil.model_copy(update={"ot": ot})})
+        deformable = row != "dmsmil-plain"  # the projection the attention follows, alone
+        section = cfg.dmsmil.model_copy(update={"ot": ot, "deformable": deformable})
+        cfg = cfg.model_copy(update={"dmsmil": section})
         n_scales = 2 if name == "dmsmil" else 1
         model = build_model(name, cfg, [D_IN] * n_scales, 2)
         width = math.ceil(math.sqrt(n))
@@ -89,16 +93,16 @@ def _measure(row: str, n: int, threads: int, repeats: int, queue: mp.Queue) -> N
 
     model.train()
     before = _rss_mb()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     step()
-    first_s = time.perf_counter() - t0
+    first_s = time.process_time() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     times = []
     for _ in range(repeats if first_s < 5 else 1):
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     times.sort()
     queue.put({"time_s": times[len(times) // 2], "peak_mb": max(peak_mb, 0.0)})
 
@@ -121,10 +125,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip a step slower")
     parser.add_argument("--out", default="benchmarks/results/model_scaling.json")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="models to run")
     args = parser.parse_args()
+    rows = [row for row in ROWS if row in args.rows]
 
     results: dict[str, dict[int, dict]] = {}
-    for row in ROWS:
+    for row in rows:
         results[row] = {}
         prev: tuple[int, float] | None = None
         for n in args.sizes:
@@ -144,7 +150,7 @@ def main() -> None:
     print(f"\nforward+backward per bag, {D_IN}-D, CPU, {args.threads} threads")
     header = "model".ljust(16) + "".join(f"{f'N={n}':>24s}" for n in args.sizes)
     print(header)
-    for row in ROWS:
+    for row in rows:
         cells = []
         for n in args.sizes:
             r = results[row][n]
@@ -155,7 +161,7 @@ def main() -> None:
             )
         print(row.ljust(16) + "".join(cells))
     print("\ntime growth between consecutive sizes (linear: x N ratio, quadratic: x N ratio²)")
-    for row in ROWS:
+    for row in rows:
         pairs = zip(args.sizes, args.sizes[1:], strict=False)
         growth = [
             f"{a}->{b}: x{results[row][b]['time_s'] / results[row][a]['time_s']:.1f}"
@@ -163,7 +169,14 @@ def main() -> None:
             if "time_s" in results[row][a] and "time_s" in results[row][b]
         ]
         print(row.ljust(16) + "   ".join(growth))
-    for row in ROWS:
+    if {"dmsmil", "dmsmil-plain"} <= set(rows):
+        ratios = [
+            f"N={n}: x{results['dmsmil'][n]['time_s'] / results['dmsmil-plain'][n]['time_s']:.2f}"
+            for n in args.sizes
+            if "time_s" in results["dmsmil"][n] and "time_s" in results["dmsmil-plain"][n]
+        ]
+        print("dmsmil / dmsmil-plain (the deformable attention's cost)   " + "   ".join(ratios))
+    for row in rows:
         for n in args.sizes:
             if "skipped" in results[row][n]:
                 print(f"  {row} N={n}: skipped, {results[row][n]['skipped']}")

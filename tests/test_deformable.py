@@ -89,3 +89,33 @@ def test_gather_equals_grid_sample_in_float32_at_the_default_init():
         (name, grads[name], rgrads[name]) for name in grads
     ]:  # float32 rounding: within 1e-5 of each tensor's largest entry
         assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1e-3), name
+
+
+def test_points_past_the_border_get_no_weight_as_in_grid_sample():
+    """A 3 x 4 grid and offsets up to 3.5 cells: most points leave it, many by more than the
+    one-cell border; the ones that touch it from outside keep their inside corners."""
+    dtype = torch.float64
+    torch.manual_seed(3)
+    fast = DeformableGridAttention(16, 4, 3, 3.5).to(dtype)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    reference = copy.deepcopy(fast)
+    reference.formulation = "grid_sample"
+    gen = torch.Generator().manual_seed(3)
+    cells = torch.stack([torch.randperm(12, generator=gen)[:10] for _ in range(2)])
+    grid = torch.stack([cells % 4, cells // 4], -1)
+    x = torch.randn(2, 10, 16, generator=gen, dtype=dtype)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    upstream = torch.randn(x.shape, dtype=dtype, generator=gen)
+    got, gx, grads = outputs_and_grads(fast, x, grid, mask, upstream)
+    want, rx, rgrads = outputs_and_grads(reference, x, grid, mask, upstream)
+    loc = grid[:, :, None, None, :] + got.offsets.detach()  # (B, N, M, U, 2) cells
+    col, row = loc.unbind(-1)
+    far = (col < -1) | (col >= 4) | (row < -1) | (row >= 3)  # all four cells off the grid
+    edge = ~far & ((col < 0) | (col > 3) | (row < 0) | (row > 2))  # some cells off it
+    assert far.float().mean() > 0.2 and edge.float().mean() > 0.1  # both cases are tested
+    torch.testing.assert_close(got.out, want.out, atol=1e-9, rtol=0)
+    torch.testing.assert_close(gx, rx, atol=1e-9, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], rgrads[name], atol=1e-9, rtol=0, msg=name)

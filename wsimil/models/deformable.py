@@ -15,11 +15,15 @@ to one. Cost O(K·M·U·d): linear in K.
 
 How it is computed (the same numbers as the direct transcription with ``F.grid_sample``,
 kept as :meth:`DeformableGridAttention.forward_grid_sample`; ``tests/test_deformable.py``):
-the four cells around every point are looked up and summed with their bilinear × A_mqu
-weights in one fused weighted gather (``F.embedding_bag``), and z_q is never formed: it only
-feeds Linear_2MU and Linear_MU, so their product with W_q (3MU × d) is applied instead. On
-CPU that is the sampling without grid_sample's slow backward and a 3MU-wide matmul instead of
-a d × d one (``benchmarks/deformable.py``).
+the values sit on a dense grid with a border of one empty cell, each (cell, head) row holding
+the head's dh value channels and the occupancy; the four cells around every point are looked
+up and summed with their bilinear × A_mqu weights in one fused weighted gather
+(``F.embedding_bag``), which gives each head's sum and its occupancy mass at once. The border
+keeps the four cells of any point that touches the grid inside its own bag, so a point needs
+one validity test, not four. z_q is never formed: it only feeds Linear_2MU and Linear_MU, so
+their product with W_q (3MU × d) is applied instead. On CPU that is the sampling without
+grid_sample's slow backward and a 3MU-wide matmul instead of a d × d one; what is left is the
+value and output projections (``benchmarks/deformable.py``, README "Benchmarks").
 
 Choices where the paper is silent: W'_m are the M row blocks of one d×d value projection and
 W_m the column blocks of one d×d output projection (Deformable DETR's layout); there is no
@@ -112,37 +116,38 @@ class DeformableGridAttention(nn.Module):
         offsets = (self.offset_scale * torch.tanh(zo)).view(B, N, M, U, 2)  # cells, Eq. 3
         weights = torch.softmax(za.view(B, N, M, U), dim=-1)  # (B, N, M, U), Eq. 4
 
-        # the dense grid: value channels and occupancy of every cell
-        m = mask.to(x.dtype)  # (B, N)
-        batch = torch.arange(B, device=x.device).view(B, 1) * (H * W)  # first cell of each bag
-        cell = (batch + grid[..., 1] * W + grid[..., 0]).flatten()  # (B·N,) in B·H·W cells
-        v = self.value(x) * m.unsqueeze(-1)  # (B, N, d) = M heads x dh
-        dense = x.new_zeros(B * H * W, d).index_add(0, cell, v.view(B * N, d))  # (B·H·W, d)
-        occ = m.new_zeros(B * H * W).index_add(0, cell, m.flatten())  # (B·H·W,)
+        # the dense grid with a border of empty cells: per cell and head, the dh value
+        # channels and the occupancy, so one weighted gather sums both
+        Hp, Wp = H + 2, W + 2
+        m = mask.to(x.dtype).view(B, N, 1, 1)
+        v = self.value(x).view(B, N, M, dh)
+        cells = torch.cat([v, m.expand(B, N, M, 1)], -1) * m  # (B, N, M, dh + 1)
+        first = torch.arange(B, device=x.device).view(B, 1) * (Hp * Wp)  # each bag's cell 0
+        cell = (first + (grid[..., 1] + 1) * Wp + grid[..., 0] + 1).flatten()  # (B·N,)
+        dense = x.new_zeros(B * Hp * Wp, M, dh + 1).index_add(0, cell, cells.flatten(0, 1))
 
-        # bilinear sampling at r_q + Δr: the four cells around each point (zero outside)
+        # bilinear sampling at r_q + Δr: the 2 x 2 cells from floor(r_q + Δr), which the
+        # border keeps inside the bag; a point with none of the grid's cells among them
+        # gets no weight
         loc = grid[:, :, None, None, :].to(x.dtype) + offsets  # (B, N, M, U, 2)
         lo = loc.detach().floor()
-        frac = loc - lo  # (B, N, M, U, 2) weight of the upper neighbour
-        lo = lo.long()
-        corner = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], device=x.device)  # (4, 2)
-        at = lo.unsqueeze(-2) + corner  # (B, N, M, U, 4, 2)
-        share = torch.where(corner.bool(), frac.unsqueeze(-2), 1 - frac.unsqueeze(-2))
-        inside = (at >= 0).all(-1) & (at[..., 0] < W) & (at[..., 1] < H)  # (B, N, M, U, 4)
-        near = torch.where(inside, at[..., 1] * W + at[..., 0], 0)  # (B, N, M, U, 4) cell
-        A = (weights.unsqueeze(-1) * share.prod(-1) * inside).flatten(-2)  # (B, N, M, 4U)
-        near = near.flatten(-2)  # (B, N, M, 4U)
-
-        # per head: Σ_u A_mqu · x̃, renormalised by the sampled occupancy mass
-        near = batch.view(B, 1, 1, 1) + near  # (B, N, M, 4U) in B·H·W cells
-        head_of = torch.arange(M, device=x.device).view(1, 1, M, 1)
-        rows = (near * M + head_of).view(-1, 4 * U)  # (B·N·M, 4U) into dense as (., dh)
-        mixed = F.embedding_bag(  # Σ over the 4U bilinear corners, weighted, fused
-            rows, dense.view(-1, dh), mode="sum", per_sample_weights=A.reshape(-1, 4 * U)
-        ).view(B, N, M, dh)
-        mass = (A * occ[near]).sum(-1)  # (B, N, M) sampled occupancy
-        head = (mixed / mass.clamp_min(1e-6).unsqueeze(-1)).reshape(B, N, d)  # (B, N, M·dh)
-        return DeformableOutput(self.output(head), offsets, weights)
+        fx, fy = (loc - lo).unbind(-1)  # (B, N, M, U) weight of the right / lower cell
+        gx, gy = 1 - fx, 1 - fy
+        lx, ly = lo.long().unbind(-1)
+        seen = (lx >= -1) & (lx < W) & (ly >= -1) & (ly < H)  # (B, N, M, U)
+        A = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], -1) * (weights * seen)[..., None]
+        top_left = torch.where(seen, (ly + 1) * Wp + lx + 1, 0) + first.view(B, 1, 1, 1)
+        corner = torch.tensor([0, 1, Wp, Wp + 1], device=x.device)  # A's order, 4th axis
+        head_of = torch.arange(M, device=x.device).view(M, 1, 1)
+        rows = (top_left.unsqueeze(-1) + corner) * M + head_of  # (B, N, M, U, 4) of dense
+        mixed = F.embedding_bag(  # Σ over the 4U cells, weighted, fused: values and mass
+            rows.view(-1, 4 * U),
+            dense.view(-1, dh + 1),
+            mode="sum",
+            per_sample_weights=A.view(-1, 4 * U),
+        ).view(B, N, M, dh + 1)
+        head = mixed[..., :dh] / mixed[..., dh:].clamp_min(1e-6)  # renormalised per head
+        return DeformableOutput(self.output(head.reshape(B, N, d)), offsets, weights)
 
     def forward_grid_sample(
         self, x: Tensor, grid: Tensor, mask: Tensor, grid_hw: tuple[int, int] | None = None
