@@ -13,5 +13,5 @@ t python -m wsimil tiles $D
 t python -m wsimil features $D
 t python -m wsimil splits $D
 t python -m wsimil ablate --model dmsmil --grid tables $S
-t python -m wsimil ablate --model dtfd --grid "$here/../ablate_demo/dtfd-m.yaml" $S
-python "$here/lesions.py" results/ablate   # per-lesion AUC of every cell
+t python -m wsimil ablate --model dtfd --grid "$here/dtfd-afs.yaml" $S
+python "$here/lesions.py" results/ablate   # per-lesion AUC of every cell -> results/ablate/lesion_auc.csv
