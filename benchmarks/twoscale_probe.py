@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -41,7 +41,8 @@ def tiles(params) -> pd.DataFrame:
         share20 = tile_tumour_share(b20.coords, b20.tile_size_level0, mask, s.mask_downsample)
         for i, j in enumerate(b20.parent_index):
             rows.append({"slide_id": s.slide_id, "lesion": s.lesion, "share10": share10[j],
-                         "share20": share20[i], "f10": b10.features[j], "f20": b20.features[i]})  # fmt: skip
+                         "share20": share20[i], "f10": b10.features[j],
+                         "f20": b20.features[i]})  # fmt: skip
     return pd.DataFrame(rows)
 
 
