@@ -12,7 +12,14 @@ import yaml
 from projects import wsimil
 
 from wsimil.config import AblateGrid, ConfigError, Params, with_overrides
-from wsimil.experiment.ablate import NAMED, ablation_table, fingerprint, resolve_grid
+from wsimil.experiment.ablate import (
+    NAMED,
+    _write_table,
+    ablation_table,
+    fingerprint,
+    plot_grid,
+    resolve_grid,
+)
 from wsimil.train.metrics import paired_folds
 
 
@@ -41,6 +48,33 @@ def test_the_paired_difference_of_a_cell_against_itself_is_exactly_zero():
     worse = table.loc["worse"]
     assert worse["d_auc"] == pytest.approx(-0.09)
     assert worse["d_auc_low"] < worse["d_auc"] < worse["d_auc_high"]
+
+
+def test_a_dtfd_grid_tables_and_plots_tier_one_beside_tier_two(tmp_path):
+    grid = AblateGrid(
+        reference="afs-M2",
+        cells=[{"name": f"afs-M{m}", "x": m, "series": "afs"} for m in (1, 2)],
+    )
+    metrics = {"afs-M1": _metrics([0.7, 0.9]), "afs-M2": _metrics([0.8, 0.6])}
+    for m, tier1 in zip(metrics.values(), ([0.6, 0.7], [0.55, 0.75]), strict=True):
+        for fold, a in zip(m["folds"].values(), tier1, strict=True):
+            fold["auc_tier1"] = a
+        m["auc_tier1_mean"], m["auc_tier1_std"] = sum(tier1) / 2, abs(tier1[0] - tier1[1]) / 2
+    table = ablation_table(grid, metrics, confidence=0.95).set_index("cell")
+    assert table.loc["afs-M1", "auc_tier1_mean"] == pytest.approx(0.65)
+    assert table.loc["afs-M1", "d_auc_tier1"] == pytest.approx(0.0)  # (0.05 - 0.05) / 2
+    assert table.loc["afs-M2", "d_auc_tier1"] == 0
+    _write_table(table.reset_index(), tmp_path, "m", "afs-M2", 0.95)
+    md = (tmp_path / "table.md").read_text()
+    assert (
+        "| tier-1 AUC |" in md
+        and "| afs-M1 | 0.700 ± 0.000 | 0.400 ± 0.000 | 0.800 ± 0.000 | 0.650 ± 0.050 |" in md
+    )
+    plot_grid(grid, table.reset_index(), tmp_path / "plot.png", title="m")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    # A grid without the read-out (DMSMIL) has no tier-1 column.
+    plain = ablation_table(grid, {k: _metrics([0.7, 0.9]) for k in metrics}, confidence=0.95)
+    assert "auc_tier1_mean" not in plain.columns
 
 
 def test_named_grids_cover_the_papers_ablations():

@@ -129,3 +129,36 @@ def test_parallel_folds_give_the_sequential_run_to_the_byte(tmp_path, tracking, 
              for c in children]
         )  # fmt: skip
     assert curves[0] == curves[1] and len(curves[0]) == 3 and len(curves[0][0]) == 2
+
+
+def test_dtfd_folds_report_the_tier_one_auc_beside_the_slides(tmp_path, tracking, repo_root):
+    """auc_tier1 (pseudo-bag AUC) per fold, summarised, in metrics.json and in MLflow."""
+    from wsimil.config import DTFDConfig, ModelConfig
+
+    bags = make_bags(12, 1, seed=5)
+    table = pd.DataFrame(
+        {
+            "slide_id": [b.slide_id for b in bags],
+            "patient_id": [b.slide_id for b in bags],
+            "label": ["tumour" if b.label else "normal" for b in bags],
+        }
+    )
+    splits = make_splits(table, n_folds=2, val_folds=2, seed=0)
+    model = ModelConfig(dtfd=DTFDConfig(hidden_dims=(8,), attention_dim=4, n_pseudo_bags=2))
+    out = tmp_path / "dtfd"
+    cv = run_crossval(
+        "dtfd", model, TrainConfig(epochs=1, seed=1, device="cpu"), splits,
+        {b.slide_id: b for b in bags}, table=table, cohort_dir=tmp_path, out_dir=out,
+        experiment="test-exp", lineage={}, root=repo_root, n_heatmaps=0,
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    tier1 = [f["auc_tier1"] for f in metrics["folds"].values()]
+    assert all(0.0 <= a <= 1.0 for a in tier1)
+    assert metrics["auc_tier1_mean"] == pytest.approx(sum(tier1) / 2)
+    parent = tracking.get_run(cv.parent_run_id)
+    assert parent.data.metrics["cv_auc_tier1_mean"] == pytest.approx(metrics["auc_tier1_mean"])
+    children = tracking.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{cv.parent_run_id}'"
+    )
+    fold_tier1 = {r.data.tags["fold"]: r.data.metrics["test_auc_tier1"] for r in children}
+    assert sorted(fold_tier1.values()) == sorted(tier1)

@@ -165,3 +165,42 @@ def test_small_bags_leave_empty_pseudo_bags_out():
     assert out.aux["pseudo_valid"].sum() == 2
     total, parts = model.loss(out, torch.tensor([1]))
     assert torch.isfinite(total) and np.isfinite(parts["tier1"])
+
+
+def test_tier_one_auc_pools_every_pseudo_bag_with_its_slides_label():
+    from sklearn.metrics import roc_auc_score
+
+    from wsimil.train.fit import sub_bag_proba
+    from wsimil.train.metrics import pseudo_bag_auc
+
+    model = dtfd(n_pseudo_bags=4, n_eval_repeats=3)
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 6, generator=gen) for n in (10, 2, 7)]
+    bags = [_bag(f"s{i}", x, label) for i, (x, label) in enumerate(zip(xs, (1, 0, 0), strict=True))]
+    train_state = model._train_gen.get_state().clone()
+    proba = sub_bag_proba(model, bags, torch.device("cpu"))
+    assert [p.shape for p in proba] == [(12, 2), (6, 2), (12, 2)]  # 3 partitions x 4, or 2
+    assert torch.equal(model._train_gen.get_state(), train_state), "training draws untouched"
+    with torch.no_grad():
+        out = model(collate([[xs[1]]]))
+    valid = out.aux["pseudo_valid"][:, 0]  # (R, M)
+    want = torch.softmax(out.aux["pseudo_logits"][:, 0][valid], -1).numpy()
+    np.testing.assert_allclose(proba[1], want, rtol=1e-6)
+    labels = np.repeat([1, 0, 0], [12, 6, 12])
+    pooled = np.concatenate(proba)[:, 1]
+    assert pseudo_bag_auc(np.array([1, 0, 0]), proba) == roc_auc_score(labels, pooled)
+
+
+def test_models_without_pseudo_bags_have_no_tier_one():
+    from wsimil.config import ModelConfig
+    from wsimil.models import build_model
+    from wsimil.train.fit import sub_bag_proba
+
+    model = build_model("abmil", ModelConfig(), [6], 2)
+    assert sub_bag_proba(model, [_bag("s", torch.randn(5, 6), 1)], torch.device("cpu")) is None
+
+
+def _bag(slide_id: str, x: torch.Tensor, label: int):
+    from wsimil.train.fit import SlideBag
+
+    return SlideBag(slide_id, label, (x,))

@@ -48,6 +48,19 @@ class SynthConfig(Section):
     tissue_masks: bool = Field(False, description="write masks/<id>.tissue.png (ground truth)")
     pen_marks: int = Field(0, ge=0, description="ink strokes per slide (masks/<id>.pen.png)")
     tiled_render: bool = Field(False, description="render tile by tile: 40,000 x 30,000 px")
+    # Two-scale evidence (wsimil/synth_twoscale.py): positives carry a lesion seen at 20x
+    # only (fine texture) or at 10x only (architecture); off: the demo cohort as before.
+    twoscale: bool = Field(False, description="a 20x-only or a 10x-only lesion per positive")
+    twoscale_cell_px: int = Field(128, ge=2, description="architecture squares: tiles.tile_px")
+    twoscale_texture_amp: int = Field(24, ge=1, le=127, description="fine texture: ± grey levels")
+
+    @model_validator(mode="after")
+    def _twoscale_fits(self) -> SynthConfig:
+        if self.twoscale and (self.mode != "binary" or self.tiled_render):
+            raise ValueError("synth.twoscale needs mode: binary and tiled_render: false")
+        if self.twoscale_cell_px % 2:
+            raise ValueError("synth.twoscale_cell_px must be even (whole 10x pixels)")
+        return self
 
     @model_validator(mode="after")
     def _patients_fit(self) -> SynthConfig:

@@ -176,6 +176,7 @@ class SlideSpec:
     label: str
     tumour: Morphology | None
     seed: int
+    lesion: str | None = None  # synth.twoscale: "fine" or "architecture" (wsimil.synth_twoscale)
 
 
 def render_slide(spec: SlideSpec, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, float]:
@@ -313,6 +314,10 @@ def plan_cohort(cfg: SynthConfig) -> list[SlideSpec]:
         else:
             label, tumour = (pos_label, TUMOUR_B) if positive else (neg_label, TUMOUR_A)
         specs.append(SlideSpec(f"synth-{i:03d}", f"patient-{p:03d}", label, tumour, int(seeds[i])))
+    if cfg.twoscale:  # positives alternate between the 20x-only and the 10x-only lesion
+        from wsimil.synth_twoscale import with_lesions
+
+        specs = with_lesions(specs, pos_label)
     return specs
 
 
@@ -332,7 +337,11 @@ def _write_slide(spec: SlideSpec, cfg: SynthConfig, out_dir: Path) -> dict:
         mask, share = tiled.tumour_mask(), tiled.share
         extra = synth_tissue.write_extras(spec, cfg, None, tiled.tissue_truth, out_dir)
     else:
-        rgb, mask, share = render_slide(spec, cfg)
+        if cfg.twoscale:
+            from wsimil.synth_twoscale import render_slide as render
+        else:
+            render = render_slide
+        rgb, mask, share = render(spec, cfg)
         truth = lambda: synth_tissue.tissue_truth(spec.seed, cfg)  # noqa: E731
         extra = synth_tissue.write_extras(spec, cfg, rgb, truth, out_dir)
         write_tiff(out_dir / slide_rel, rgb, cfg, description)
@@ -345,6 +354,7 @@ def _write_slide(spec: SlideSpec, cfg: SynthConfig, out_dir: Path) -> dict:
         "mask_path": mask_rel.as_posix(),
         "mask_downsample": cfg.mask_downsample,
         "tumour_share": round(share, 4),
+        **({"lesion": spec.lesion or ""} if cfg.twoscale else {}),
         **extra,
     }
 

@@ -12,6 +12,8 @@ same ``splits.json``, so each cell's per-fold metrics pair with the reference ce
   ``table.csv`` and ``table.md`` (mean ± std ACC/F1/AUC; Δ against the reference, paired
   over the shared folds, with a two-sided CI: :func:`wsimil.train.metrics.paired_folds`)
   and ``plot.png`` (AUC against the swept value, one line per series, or one bar per cell).
+  DTFD-MIL cells also carry ``auc_tier1`` (the pseudo-bag AUC, :func:`wsimil.train.metrics.
+  pseudo_bag_auc`): a column of the table and a dashed line per series in the plot.
 - MLflow: one parent run per grid (its id is kept in ``parent.json``), each cell's
   cross-validation nested under it, the table and plot logged on it.
 - Resume: a cell whose folder holds ``cell.json`` with the same family, keys and
@@ -36,7 +38,7 @@ import yaml
 from wsimil.config import AblateCell, AblateGrid, ConfigError, Params, with_overrides
 from wsimil.experiment.crossval import model_scales
 from wsimil.experiment.tracking import start_top_run
-from wsimil.train.metrics import METRICS, paired_folds
+from wsimil.train.metrics import EXTRA_METRICS, METRICS, paired_folds
 
 LAMBDAS = (0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 DISTILLS = ("maxs", "maxmins", "mas", "afs")
@@ -213,15 +215,19 @@ def ablation_table(
     Δ is paired over the folds both cells were scored on; the interval is two-sided at
     ``confidence`` (each bound one-sided at (1 + confidence) / 2).
     """
-    ref = _per_fold(metrics[grid.reference])
+    keys = (
+        *METRICS,
+        *(k for k in EXTRA_METRICS if all(f"{k}_mean" in m for m in metrics.values())),
+    )
+    ref = _per_fold(metrics[grid.reference], keys)
     rows = []
     for cell in grid.cells:
         m = metrics[cell.name]
         row = {"cell": cell.name, "family": cell.family or "", "series": cell.series or "",
                "x": cell.x if cell.x is not None else math.nan,
                "set": json.dumps(cell.set, sort_keys=True)}  # fmt: skip
-        folds = _per_fold(m)
-        for k in METRICS:
+        folds = _per_fold(m, keys)
+        for k in keys:
             row[f"{k}_mean"], row[f"{k}_std"] = m[f"{k}_mean"], m[f"{k}_std"]
             d, low, high, n = paired_folds(folds[k], ref[k], confidence=(1 + confidence) / 2)
             row[f"d_{k}"], row[f"d_{k}_low"], row[f"d_{k}_high"] = d, low, high
@@ -230,27 +236,33 @@ def ablation_table(
     return pd.DataFrame(rows)
 
 
-def _per_fold(metrics: dict) -> dict[str, dict[int, float]]:
+def _per_fold(metrics: dict, keys: tuple[str, ...]) -> dict[str, dict[int, float]]:
     """``{"auc": {0: 0.91, 1: 0.88}, ...}`` from a crossval metrics.json."""
     folds = {int(k.removeprefix("fold")): v for k, v in metrics["folds"].items()}
-    return {k: {f: float(v[k]) for f, v in folds.items()} for k in METRICS}
+    return {k: {f: float(v[k]) for f, v in folds.items()} for k in keys}
 
 
 def _write_table(table: pd.DataFrame, out: Path, name: str, ref_name: str, confidence: float):
     _atomic(out / "table.csv", table.to_csv(index=False, float_format="%.6g"))
     pct = f"{confidence:.0%}"
+    tier1 = "auc_tier1_mean" in table.columns  # DTFD-MIL: the pseudo-bag AUC beside the slide's
+    shown = (*METRICS, "auc_tier1") if tier1 else METRICS
     lines = [
-        f"| cell | ACC | F1 | AUC | ΔAUC vs {ref_name} [{pct} CI] | ΔACC [{pct} CI] |",
-        "|---|---|---|---|---|---|",
+        f"| cell | ACC | F1 | AUC |{' tier-1 AUC |' if tier1 else ''} "
+        f"ΔAUC vs {ref_name} [{pct} CI] | ΔACC [{pct} CI] |",
+        "|---|---|---|---|" + ("---|" if tier1 else "") + "---|---|",
     ]
     for r in table.itertuples():
-        ms = [f"{getattr(r, f'{k}_mean'):.3f} ± {getattr(r, f'{k}_std'):.3f}" for k in METRICS]
+        ms = [f"{getattr(r, f'{k}_mean'):.3f} ± {getattr(r, f'{k}_std'):.3f}" for k in shown]
         ds = [_ci(getattr(r, f"d_{k}"), getattr(r, f"d_{k}_low"), getattr(r, f"d_{k}_high"))
               for k in ("auc", "acc")]  # fmt: skip
         lines.append(f"| {r.cell} | {' | '.join(ms)} | {' | '.join(ds)} |")
     n = int(table["n_folds"].max())
     lines += ["", f"Grid `{name}`: mean ± std over {n} shared folds; Δ = cell − reference, "
               "paired per fold (Nadeau-Bengio corrected t)."]  # fmt: skip
+    if tier1:
+        lines.append("AUC is tier 2 (the slide); tier-1 AUC scores every pseudo-bag against "
+                     "its slide's label.")  # fmt: skip
     _atomic(out / "table.md", "\n".join(lines) + "\n")
 
 
@@ -261,7 +273,10 @@ def _ci(d: float, low: float, high: float) -> str:
 
 
 def plot_grid(grid: AblateGrid, table: pd.DataFrame, path: Path, *, title: str) -> None:
-    """AUC (mean ± std) against the swept value, one line per series; else one bar per cell."""
+    """AUC (mean ± std) against the swept value, one line per series; else one bar per cell.
+
+    A DTFD-MIL grid also draws each series' tier-1 (pseudo-bag) AUC, dashed, in its colour.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,12 +287,16 @@ def plot_grid(grid: AblateGrid, table: pd.DataFrame, path: Path, *, title: str) 
     if swept:
         for series, rows in table.groupby("series", sort=False):
             rows = rows.sort_values("x")
-            ax.errorbar(rows["x"], rows["auc_mean"], yerr=rows["auc_std"], marker="o",
-                        capsize=3, label=series or None)  # fmt: skip
+            line = ax.errorbar(rows["x"], rows["auc_mean"], yerr=rows["auc_std"], marker="o",
+                               capsize=3, label=series or None)  # fmt: skip
+            if "auc_tier1_mean" in rows:
+                ax.errorbar(rows["x"], rows["auc_tier1_mean"], yerr=rows["auc_tier1_std"],
+                            marker="s", capsize=3, ls="--", color=line.lines[0].get_color(),
+                            label=f"{series} tier 1")  # fmt: skip
         if table["x"].min() > 0 and table["x"].max() / table["x"].min() >= 50:
             ax.set_xscale("log")
         ax.set_xlabel("swept value")
-        if table["series"].nunique() > 1:
+        if table["series"].nunique() > 1 or "auc_tier1_mean" in table:
             ax.legend(fontsize=8)
     else:
         y = np.arange(len(table))

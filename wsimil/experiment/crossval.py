@@ -34,15 +34,21 @@ from wsimil.experiment.tracking import RESOLVED_PARAMS, flatten, git_state, star
 from wsimil.extract.ids import under
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
-from wsimil.train.fit import SlideBag, fit, predict, resolve_device
+from wsimil.train.fit import SlideBag, fit, predict, resolve_device, sub_bag_proba
 from wsimil.train.manifest import Manifest
-from wsimil.train.metrics import choose_threshold, predict_labels, slide_metrics, summarize
+from wsimil.train.metrics import (
+    choose_threshold,
+    predict_labels,
+    pseudo_bag_auc,
+    slide_metrics,
+    summarize,
+)
 
 
 @dataclass
 class FoldResult:
     fold: int
-    metrics: dict  # on the fold's test slides
+    metrics: dict  # on the fold's test slides (DTFD-MIL: + auc_tier1, its pseudo-bags')
     val_metrics: dict
     threshold: float | None
     best_epoch: int
@@ -92,6 +98,10 @@ def run_fold(
     threshold = choose_threshold(y_val, val_proba[:, 1]) if binary else None
     test_proba, test_scores, _ = predict(model, test, device)
     y_test = np.array([b.label for b in test])
+    metrics = slide_metrics(y_test, test_proba, threshold)
+    tier1 = sub_bag_proba(model, test, device)  # DTFD-MIL's pseudo-bags; None for the others
+    if tier1 is not None:
+        metrics["auc_tier1"] = pseudo_bag_auc(y_test, tier1)
     preds = pd.DataFrame(
         {
             "slide_id": [b.slide_id for b in test],
@@ -103,7 +113,7 @@ def run_fold(
     preds["pred"] = [classes[i] for i in predict_labels(test_proba, threshold)]
     return FoldResult(
         fold=fold["fold"],
-        metrics=slide_metrics(y_test, test_proba, threshold),
+        metrics=metrics,
         val_metrics=slide_metrics(y_val, val_proba, threshold),
         threshold=threshold,
         best_epoch=result.best_epoch,

@@ -224,6 +224,12 @@ class MILModel(nn.Module, ABC):
     @abstractmethod
     def forward(self, bags: Bags) -> MILOutput: ...
 
+    def sub_bag_logits(self, out: MILOutput) -> tuple[Tensor, Tensor] | None:
+        """Predictions the model makes besides the slide's, each scored against the slide's
+        label: logits ``(B, K, C)`` and which of the K are real ``(B, K)`` (DTFD-MIL's tier-1
+        pseudo-bags). None (the default): the model makes none."""
+        return None
+
     @abstractmethod
     def loss_tensors(self, out: MILOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The training loss for labels ``y (B,)`` and its named, unweighted parts."""

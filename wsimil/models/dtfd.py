@@ -183,6 +183,12 @@ class DTFD(MILModel):
             },
         )
 
+    def sub_bag_logits(self, out: MILOutput) -> tuple[Tensor, Tensor]:
+        """Tier 1's pseudo-bag logits ``(B, R·M, C)``, every partition's, and their validity."""
+        pl, valid = out.aux["pseudo_logits"], out.aux["pseudo_valid"]  # (R,B,M,C), (R,B,M)
+        R, B, M, C = pl.shape
+        return pl.transpose(0, 1).reshape(B, R * M, C), valid.transpose(0, 1).reshape(B, R * M)
+
     def loss_tensors(self, out: MILOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         pl, valid = out.aux["pseudo_logits"], out.aux["pseudo_valid"]  # (R,B,M,C), (R,B,M)
         R, B, M, C = pl.shape

@@ -134,6 +134,25 @@ def _predict(model, bags, device, batch_size):
     return np.concatenate(probs), scores, sum(losses) / max(1, len(bags))
 
 
+@torch.no_grad()
+def sub_bag_proba(
+    model: MILModel, bags: Sequence[SlideBag], device: torch.device
+) -> list[np.ndarray] | None:
+    """Per slide, the eval-mode class probabilities ``(K, C)`` of the model's sub-bag
+    predictions (:meth:`MILModel.sub_bag_logits`: DTFD-MIL's tier-1 pseudo-bags, every
+    evaluation partition's); None for a model that makes none. Changes no weight or RNG."""
+    model.eval()
+    out = []
+    for bag in bags:
+        inputs, _ = to_model_input([bag], device)
+        sub = model.sub_bag_logits(model(inputs))
+        if sub is None:
+            return None
+        logits, valid = sub  # (1, K, C), (1, K)
+        out.append(torch.softmax(logits[0][valid[0]].float(), dim=-1).cpu().numpy())
+    return out
+
+
 def _val_auc(model, val, device, batch_size) -> tuple[float, float]:
     proba, _, loss = predict(model, val, device, batch_size, gradient_scores=False)
     y = np.array([b.label for b in val])

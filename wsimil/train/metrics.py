@@ -18,6 +18,9 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 
 METRICS = ("acc", "f1", "auc")
+# Read-outs some models add to a fold's metrics (summarised when every fold has them):
+# auc_tier1, DTFD-MIL's pseudo-bag AUC (:func:`pseudo_bag_auc`).
+EXTRA_METRICS = ("auc_tier1",)
 
 
 def choose_threshold(y_true: np.ndarray, p_pos: np.ndarray) -> float:
@@ -67,10 +70,25 @@ def auc(y_true: np.ndarray, proba: np.ndarray) -> float:
     return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro"))
 
 
+def pseudo_bag_auc(y_true: np.ndarray, sub_proba: list[np.ndarray]) -> float:
+    """AUC of sub-bag predictions, each labelled with its slide's label (DTFD-MIL tier 1).
+
+    Pools every pseudo-bag of every slide (every evaluation partition's), as the DTFD-MIL
+    reference scores its "First-Tier" AUC: ``test_attention_DTFD_preFeat_MultipleMean`` in
+    hrzhang1123/DTFD-MIL ``Main_DTFD_MIL.py`` concatenates each pseudo-bag's prediction
+    (``gPred_0``) with its slide's label (``gt_0``) over all ``num_MeanInference`` repeats,
+    rather than averaging them per slide.
+    """
+    labels = np.concatenate([np.full(len(p), y) for y, p in zip(y_true, sub_proba, strict=True)])
+    return auc(labels, np.concatenate(sub_proba))
+
+
 def summarize(per_fold: list[dict]) -> dict:
-    """``{metric}_mean`` and ``{metric}_std`` over folds (NaN folds ignored)."""
+    """``{metric}_mean`` and ``{metric}_std`` over folds (NaN folds ignored); the
+    :data:`EXTRA_METRICS` too where every fold has them."""
     out = {}
-    for m in METRICS:
+    extra = [m for m in EXTRA_METRICS if per_fold and all(m in f for f in per_fold)]
+    for m in (*METRICS, *extra):
         values = np.array([f[m] for f in per_fold], dtype=float)
         out[f"{m}_mean"] = float(np.nanmean(values))
         out[f"{m}_std"] = float(np.nanstd(values))
