@@ -120,6 +120,20 @@ def load_group(names: tuple[str, ...]):
     return bags, np.concatenate(labels), splits
 
 
+def make_model(family: str, cfg, n_features: int, setting: dict, seed: int):
+    """One copy; with ``dropout_at == "last"`` only the instance MLP's last dropout is kept
+    (Wang et al.'s MINNs ``MI_Net.py`` places one dropout after fc-64)."""
+    from torch import nn
+
+    from wsimil.models import build_model
+
+    model = build_model(family, cfg, [n_features], 2, seed=seed)
+    if setting.get("dropout_at", "all") == "last" and family == "abmil":
+        for layer in [m for m in model.embed if isinstance(m, nn.Dropout)][:-1]:
+            layer.p = 0.0
+    return model
+
+
 def run_job(names: tuple[str, ...], model: str, setting: dict, eval_every: int, seed: int):
     """All 50 (repeat, fold) runs of every dataset in ``names``, trained as one ensemble per
     training-set size; tests every run after each ``eval_every`` epochs and after the last.
@@ -129,7 +143,6 @@ def run_job(names: tuple[str, ...], model: str, setting: dict, eval_every: int, 
     import torch
 
     from wsimil.milbench.stacked import Ensemble, PaddedBags
-    from wsimil.models import build_model
 
     torch.set_num_threads(1)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -153,7 +166,7 @@ def run_job(names: tuple[str, ...], model: str, setting: dict, eval_every: int, 
         n_test = max(len(s[4]) for s in group)
         test = np.stack([np.resize(s[4], n_test) for s in group])  # pad by repeating
         ens = Ensemble(
-            lambda s: build_model(family, cfg, [bags[0].shape[1]], 2, seed=s), len(group), seed
+            lambda s: make_model(family, cfg, bags[0].shape[1], setting, s), len(group), seed
         )
 
         def evaluate(epoch: int, ens=ens, group=group, test=test, mean=mean, std=std) -> None:
@@ -233,13 +246,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=SETTING["epochs"])
     parser.add_argument("--eval-every", type=int, default=10, help="test at these epochs too")
+    parser.add_argument(
+        "--dropout-at",
+        choices=("all", "last"),
+        default="all",
+        help="ABMIL: dropout after every MLP layer (ours) or only the last (MINNs)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mil_benchmarks.json")
     args = parser.parse_args()
     if args.epochs < 1 or args.eval_every < 1:
         parser.error("--epochs and --eval-every must be at least 1")
 
-    setting = {**SETTING, "epochs": args.epochs}
+    setting = {**SETTING, "epochs": args.epochs, "dropout_at": args.dropout_at}
     jobs = jobs_for(args.datasets, args.models, setting, args.eval_every, args.seed)
     # rows of earlier runs stay unless this run replaces them (one file for all runs)
     result: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
