@@ -72,3 +72,32 @@ def test_dtfd_and_damil_ensembles_learn_a_separable_toy():
         assert history[-1] < 0.5 * history[0], (name, history)
         acc = (ens.predict_proba(data, train, zeros, ones).argmax(-1) == labels[train]).float()
         assert acc.mean() > 0.9, name
+
+
+def test_testing_at_checkpoints_leaves_the_fit_unchanged():
+    """The benchmark tests every run after some epochs (``on_epoch``); that must not move the
+    dropout draws or the weights, so the last epoch's predictions are those of a plain fit."""
+    bags, labels, train, test = toy(2)
+    data = PaddedBags.from_list(bags)
+    cfg = CFG.model_copy(update={"abmil": ABMILConfig(hidden_dims=(8,), attention_dim=4)})
+    zeros, ones = torch.zeros(3, 5), torch.ones(3, 5)
+
+    ens = Ensemble(lambda s: build_model("abmil", cfg, [5], 2, seed=s), 3, seed=3)
+    ens.fit(data, labels, train, zeros, ones, epochs=3, lr=1e-2, weight_decay=0)
+    plain = ens.predict_proba(data, test, zeros, ones)
+    seen = []
+    checked_ens = Ensemble(lambda s: build_model("abmil", cfg, [5], 2, seed=s), 3, seed=3)
+    checked_ens.fit(
+        data,
+        labels,
+        train,
+        zeros,
+        ones,
+        epochs=3,
+        lr=1e-2,
+        weight_decay=0,
+        on_epoch=lambda e: seen.append((e, checked_ens.predict_proba(data, test, zeros, ones))),
+    )
+    assert [e for e, _ in seen] == [1, 2, 3]
+    torch.testing.assert_close(seen[-1][1], plain, atol=0, rtol=0)
+    assert not torch.equal(seen[0][1], plain)  # the checkpoints are real, earlier states

@@ -52,3 +52,42 @@ def test_a_file_that_is_not_jld_is_a_clear_error(tmp_path):
         load_jld(bad)
     with pytest.raises(FileNotFoundError, match="Nope.jld"):
         load_jld(tmp_path / "Nope.jld")
+
+
+def _bench_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/mil_benchmarks.py"
+    spec = importlib.util.spec_from_file_location("mil_benchmarks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stacked_datasets_keep_their_own_bags_and_folds():
+    script = _bench_script()
+    bags, labels, splits = script.load_group(("Fox", "Tiger"))
+    fox, tiger = load_jld(DATA / "Fox.jld"), load_jld(DATA / "Tiger.jld")
+    assert len(bags) == 400 and len(splits) == 100
+    for name, _, _, train, test in splits:
+        own = np.arange(200) if name == "Fox" else np.arange(200, 400)
+        assert np.isin(train, own).all() and np.isin(test, own).all()
+    name, r, f, train, test = splits[57]  # Tiger, repetition 0, fold 7
+    assert (name, r, f) == ("Tiger", 0, 7)
+    _, _, tr, te = list(tiger.splits())[7]
+    np.testing.assert_array_equal(test - 200, te)
+    np.testing.assert_array_equal(bags[test[0]], tiger.bags[te[0]])
+    np.testing.assert_array_equal(labels[:200], fox.labels)
+    with pytest.raises(ValueError, match="Musk1, Fox: feature dimensions differ"):
+        script.load_group(("Musk1", "Fox"))
+
+
+def test_jobs_stack_fox_tiger_elephant_and_keep_musk1_apart():
+    script = _bench_script()
+    jobs = script.jobs_for(list(DATASETS), ["abmil", "dtfd"], script.SETTING, 10, 0)
+    assert [(j[0], j[1]) for j in jobs] == [
+        (("Fox", "Tiger", "Elephant"), "abmil"),
+        (("Musk1",), "abmil"),
+        (("Musk1",), "dtfd"),
+        (("Fox", "Tiger", "Elephant"), "dtfd"),
+    ]

@@ -113,9 +113,12 @@ class Ensemble:
         epochs: int,
         lr: float,
         weight_decay: float,
+        on_epoch: Callable[[int], None] | None = None,
     ) -> list[float]:
         """Train run r on bags ``train_idx[r]`` (``(R, n_train)``), one bag per Adam step.
 
+        ``on_epoch(e)`` (optional) is called after epoch ``e`` (1-based), e.g. to test the
+        runs at checkpoints; it must not draw from torch's global generator.
         Returns the mean training loss of every epoch (averaged over the runs).
         """
         R, n_train = train_idx.shape
@@ -136,8 +139,10 @@ class Ensemble:
         history = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # dropout draws
-            for _ in range(epochs):
+            for e in range(1, epochs + 1):
                 history.append(self._epoch(step, opt, data, labels, mean, std, rngs, train_idx))
+                if on_epoch is not None:
+                    on_epoch(e)
         return history
 
     def _epoch(self, step, opt, data, labels, mean, std, rngs, train_idx) -> float:
