@@ -38,8 +38,10 @@ demo: install
 	time $(BIN)/dvc repro
 	$(BIN)/dvc metrics show || true
 
+# In parallel, one worker per core (pytest-xdist); --dist loadfile keeps each test file on one
+# worker, so a module's fixtures (a trained project, a server) are built once.
 test: lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
