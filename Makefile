@@ -44,7 +44,7 @@ test: lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # Style and architecture: ruff's lint and format, and import-linter's contracts
 # (pyproject.toml: stages import down the data flow; models/train free of MLflow & co).
