@@ -55,7 +55,7 @@ _PREFECT_HOME = pytest.StashKey[tuple]()
 
 
 def pytest_configure(config) -> None:
-    """Each pytest process (every xdist worker) its own Prefect home.
+    """Each pytest process (every xdist worker) its own Prefect home, and time to start it.
 
     Flows run by the CLI in tests without a ``PREFECT_HOME`` of their own would otherwise share
     ``~/.prefect``: one SQLite database migrated and written by temporary servers of parallel
@@ -64,6 +64,9 @@ def pytest_configure(config) -> None:
     home = tempfile.mkdtemp(prefix="wsimil-prefect-")
     config.stash[_PREFECT_HOME] = (home, os.environ.get("PREFECT_HOME"))
     os.environ["PREFECT_HOME"] = home
+    # Workers share the cores: a CLI's temporary Prefect server took over the CLI's 120 s to
+    # migrate its database on a loaded 2-core machine (`wsimil tiles` then fails). Still bounded.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 
 
 def pytest_unconfigure(config) -> None:
