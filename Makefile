@@ -38,11 +38,13 @@ demo: install
 	time $(BIN)/dvc repro
 	$(BIN)/dvc metrics show || true
 
+# In parallel, one worker per core (pytest-xdist); --dist loadfile keeps each test file on one
+# worker, so a module's fixtures (a trained project, a server) are built once.
 test: lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # Style and architecture: ruff's lint and format, and import-linter's contracts
 # (pyproject.toml: stages import down the data flow; models/train free of MLflow & co).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,12 +51,58 @@ def tiny_cohort(tmp_path_factory, tiny_synth_config):
     return out, table
 
 
+_PREFECT_HOME = pytest.StashKey[tuple]()
+
+
+def pytest_configure(config) -> None:
+    """Each pytest process (every xdist worker) its own Prefect home, and time to start it.
+
+    Flows run by the CLI in tests without a ``PREFECT_HOME`` of their own would otherwise share
+    ``~/.prefect``: one SQLite database migrated and written by temporary servers of parallel
+    workers at once, and files outside the test's folders.
+    """
+    home = tempfile.mkdtemp(prefix="wsimil-prefect-")
+    config.stash[_PREFECT_HOME] = (home, os.environ.get("PREFECT_HOME"))
+    os.environ["PREFECT_HOME"] = home
+    # Workers share the cores: a CLI's temporary Prefect server took over the CLI's 120 s to
+    # migrate its database on a loaded 2-core machine (`wsimil tiles` then fails). Still bounded.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+
+def pytest_unconfigure(config) -> None:
+    home, before = config.stash.get(_PREFECT_HOME, (None, None))
+    if home is None:
+        return
+    if before is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = before
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory) -> Path:
-    """A real project (8 slides → tiles → ResNet-18 random features → 2 folds) built by the CLI."""
+    """A real project (8 slides → tiles → ResNet-18 random features → 2 folds) built by the CLI.
+
+    Under pytest-xdist the CLI builds it once for the whole run (the first worker to need it,
+    under a file lock, in the run's shared temporary folder); every worker then gets its own
+    copy, since tests add runs, results and reports to it.
+    """
     from projects import build_tiny_project
 
-    return build_tiny_project(tmp_path_factory.mktemp("tiny") / "project")
+    mine = tmp_path_factory.mktemp("tiny") / "project"
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build_tiny_project(mine)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-shared"  # this run's, all workers'
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "built").is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+            build_tiny_project(shared / "project")
+            (shared / "built").touch()
+    shutil.copytree(shared / "project", mine, symlinks=True)
+    return mine
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

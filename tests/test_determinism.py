@@ -1,9 +1,10 @@
 """SPEC §6: the same code, data, params and seed give byte-identical results in any process.
 
-Two copies of the tiny project are run by the real CLI in separate processes: one as built
-(2 slides in flight, 2 tile-reader processes), one rebuilt from its slides with 1 slide in
-flight and no reader processes. Feature datasets, splits.json, every fold's weights and
-metrics.json, and the tuning trials must match to the byte (sha256), not to a tolerance.
+Two copies of the tiny project are run by the real CLI in separate processes (the two copies
+side by side): one as built (2 slides in flight, 2 tile-reader processes), one rebuilt from
+its slides with 1 slide in flight and no reader processes. Feature datasets, splits.json,
+every fold's weights and metrics.json, and the tuning trials must match to the byte (sha256),
+not to a tolerance.
 (The Dask runner's caches are compared with the thread runner's in test_dask_extract.py.)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -67,14 +69,20 @@ def twins(tiny_project, tmp_path_factory) -> tuple[Path, Path]:
                     ".prefect", "features", "tiles", "splits.json", "reports"))  # fmt: skip
     serial = ["-S", "tiles.concurrent_slides=1", "-S", "features.concurrent_slides=1",
               "-S", "features.num_workers=0"]  # fmt: skip
-    for step in ("tiles", "features", "splits"):
-        wsimil([step, *serial], b)
     tune = ["-S", "tune.pruner=median", "-S", "tune.pruner_startup_trials=1",
             "-S", "tune.n_trials=3"]  # fmt: skip
-    for project in (a, b):
+
+    def pipeline(project: Path, rebuild: bool) -> None:
+        for step in ("tiles", "features", "splits") if rebuild else ():
+            wsimil([step, *serial], project)
         for family in FAMILIES:
             wsimil(["crossval", "--model", family], project)
         wsimil(["tune", "--model", "dtfd", *tune], project)
+
+    # the two copies are independent processes: run side by side (a core each where there are)
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(pipeline, a, False), pool.submit(pipeline, b, True)]:
+            done.result()
     return a, b
 
 

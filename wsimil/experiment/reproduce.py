@@ -289,7 +289,14 @@ def restore(
             "in the clone the run was made in"
         )
     cache = Path(found.stdout.strip())
-    remotes = [line.split()[:2] for line in _dvc(root, "remote", "list").stdout.splitlines()]
+    # `dvc remote list` wraps its table at 80 columns when not on a terminal (a long remote
+    # path lands on a line of its own); `dvc config --list` gives key=value lines, unwrapped
+    listed = (line.partition("=") for line in _dvc(root, "config", "--list").stdout.splitlines())
+    remotes = [
+        (key.removeprefix("remote.").removesuffix(".url"), url)
+        for key, _, url in listed
+        if key.startswith("remote.") and key.endswith(".url")
+    ]
     default = _dvc(root, "remote", "default").stdout.strip()
     settings = [
         ("config", "--local", "cache.dir", str(cache)),
