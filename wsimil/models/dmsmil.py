@@ -34,7 +34,7 @@ decision logit (the log-odds W₁ − W₀ for two classes, the predicted class'
   μ and x, so the gradient at x alone misranks whole slides (README, "Reproducibility").
 - ``scores["contribution"]`` is a^s/K · w·x̂^{s,j}, the exact additive share of the logit of
   each *mixed* embedding x̂^{s,j}. It localises tumour little better than chance (demo
-  localisation AUC 0.57-0.62 over two seeds and both scales, against 0.89-0.95 for
+  localisation AUC 0.57-0.62 over two seeds and both scales, against 0.90-0.98 for
   ``attribution``; README, "Reproducibility"), and not because of its sign,
   the fusion weights or its scale: a^s/K is one positive factor per slide and scale, so it
   cannot change a slide's ranking, and the AUC is computed per slide. The cause is the
