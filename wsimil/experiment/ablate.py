@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +34,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsimil.atomic import write_text
 from wsimil.config import AblateCell, AblateGrid, ConfigError, Params, with_overrides
 from wsimil.experiment.crossval import model_scales
+from wsimil.experiment.heatmaps import pyplot, save_figure
 from wsimil.experiment.tracking import start_top_run
 from wsimil.train.metrics import EXTRA_METRICS, METRICS, paired_folds
 
@@ -243,7 +244,7 @@ def _per_fold(metrics: dict, keys: tuple[str, ...]) -> dict[str, dict[int, float
 
 
 def _write_table(table: pd.DataFrame, out: Path, name: str, ref_name: str, confidence: float):
-    _atomic(out / "table.csv", table.to_csv(index=False, float_format="%.6g"))
+    write_text(out / "table.csv", table.to_csv(index=False, float_format="%.6g"))
     pct = f"{confidence:.0%}"
     tier1 = "auc_tier1_mean" in table.columns  # DTFD-MIL: the pseudo-bag AUC beside the slide's
     shown = (*METRICS, "auc_tier1") if tier1 else METRICS
@@ -263,7 +264,7 @@ def _write_table(table: pd.DataFrame, out: Path, name: str, ref_name: str, confi
     if tier1:
         lines.append("AUC is tier 2 (the slide); tier-1 AUC scores every pseudo-bag against "
                      "its slide's label.")  # fmt: skip
-    _atomic(out / "table.md", "\n".join(lines) + "\n")
+    write_text(out / "table.md", "\n".join(lines) + "\n")
 
 
 def _ci(d: float, low: float, high: float) -> str:
@@ -277,12 +278,7 @@ def plot_grid(grid: AblateGrid, table: pd.DataFrame, path: Path, *, title: str) 
 
     A DTFD-MIL grid also draws each series' tier-1 (pseudo-bag) AUC, dashed, in its colour.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     swept = table["x"].notna().all()
     if swept:
         for series, rows in table.groupby("series", sort=False):
@@ -307,10 +303,7 @@ def plot_grid(grid: AblateGrid, table: pd.DataFrame, path: Path, *, title: str) 
         ax.set_ylabel("test AUC (mean ± std over folds)")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
 
 
 def _parent_run(out: Path, experiment: str, name: str, model: str) -> str:
@@ -342,11 +335,4 @@ def _read_metrics(folder: Path) -> dict:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    _atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
-
-
-def _atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")

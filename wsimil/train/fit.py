@@ -107,11 +107,11 @@ def predict(
     probabilities and the loss are the same).
     """
     model.eval()
-    model.gradient_scores = gradient_scores
+    before, model.gradient_scores = model.gradient_scores, gradient_scores
     try:
         return _predict(model, bags, device, batch_size)
     finally:
-        model.gradient_scores = True
+        model.gradient_scores = before
 
 
 def _predict(model, bags, device, batch_size):
