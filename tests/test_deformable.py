@@ -1,4 +1,4 @@
-"""The deformable attention's gather formulation equals its grid_sample transcription.
+"""The deformable attention's gather formulations equal its grid_sample transcription.
 
 ``DeformableGridAttention.forward`` samples the four cells around each point itself (one
 fused weighted gather) and applies W_q through the offset and point-weight heads; the
@@ -17,9 +17,12 @@ import torch
 from wsimil.models.deformable import DeformableGridAttention
 
 
-def pair(dtype: torch.dtype, seed: int) -> tuple[DeformableGridAttention, DeformableGridAttention]:
+def pair(
+    dtype: torch.dtype, seed: int, formulation: str = "gather"
+) -> tuple[DeformableGridAttention, DeformableGridAttention]:
     torch.manual_seed(seed)
     fast = DeformableGridAttention(16, 4, 3, 2.5).to(dtype)
+    fast.formulation = formulation
     with torch.no_grad():  # away from the zero init: offsets and point weights vary per query
         for p in fast.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -48,10 +51,12 @@ def outputs_and_grads(module, x, grid, mask, upstream):
     return out, x.grad, grads
 
 
+@pytest.mark.parametrize("formulation", ["gather", "index"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gather_equals_grid_sample_forward_and_backward(seed):
+def test_gather_equals_grid_sample_forward_and_backward(seed, formulation):
+    """Both fast formulations: the fused gather, and the vmap-able lookup + matmul."""
     dtype = torch.float64  # the formulations are equal; float64 shows it beyond rounding
-    fast, reference = pair(dtype, seed)
+    fast, reference = pair(dtype, seed, formulation)
     x, grid, mask = bags(dtype, seed)
     upstream = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(9))
     got, gx, grads = outputs_and_grads(fast, x, grid, mask, upstream)

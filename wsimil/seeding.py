@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,7 +69,13 @@ def use_deterministic_algorithms(enabled: bool) -> None:
     """
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    if "torch._inductor" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(enabled, warn_only=True)
+    else:
+        # what torch.use_deterministic_algorithms does, less importing torch._inductor only
+        # to set its flag: ~3.7 s in every process (each fold worker), for torch.compile,
+        # which wsimil never calls; a later import of torch._inductor would read the default
+        torch._C._set_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     if enabled:
         torch.backends.cudnn.benchmark = False

@@ -77,7 +77,10 @@ class DeformableGridAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, heads * points)  # Linear_MU, Eq. 4
         self.value = nn.Linear(dim, dim)  # W'_m of all heads
         self.output = nn.Linear(dim, dim)  # W_m of all heads
-        self.formulation: Literal["gather", "grid_sample"] = "gather"
+        # gather: one fused weighted lookup (F.embedding_bag), the fastest alone; index: the
+        # same sum in ops torch.func.vmap has batching rules for (the served fold ensemble,
+        # wsimil/serve/one_pass.py); grid_sample: the reference transcription
+        self.formulation: Literal["gather", "index", "grid_sample"] = "gather"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,12 +143,17 @@ class DeformableGridAttention(nn.Module):
         corner = torch.tensor([0, 1, Wp, Wp + 1], device=x.device)  # A's order, 4th axis
         head_of = torch.arange(M, device=x.device).view(M, 1, 1)
         rows = (top_left.unsqueeze(-1) + corner) * M + head_of  # (B, N, M, U, 4) of dense
-        mixed = F.embedding_bag(  # Σ over the 4U cells, weighted, fused: values and mass
-            rows.view(-1, 4 * U),
-            dense.view(-1, dh + 1),
-            mode="sum",
-            per_sample_weights=A.view(-1, 4 * U),
-        ).view(B, N, M, dh + 1)
+        if self.formulation == "gather":
+            mixed = F.embedding_bag(  # Σ over the 4U cells, weighted, fused: values and mass
+                rows.view(-1, 4 * U),
+                dense.view(-1, dh + 1),
+                mode="sum",
+                per_sample_weights=A.view(-1, 4 * U),
+            )
+        else:  # "index": the same sum as a row lookup and a batched matmul, which vmap batches
+            picked = dense.view(-1, dh + 1).index_select(0, rows.view(-1))
+            mixed = torch.bmm(A.view(-1, 1, 4 * U), picked.view(-1, 4 * U, dh + 1))
+        mixed = mixed.view(B, N, M, dh + 1)
         head = mixed[..., :dh] / mixed[..., dh:].clamp_min(1e-6)  # renormalised per head
         return DeformableOutput(self.output(head.reshape(B, N, d)), offsets, weights)
 

@@ -128,9 +128,23 @@ class DMSMIL(MILModel):
                 "positions (Bags.grid); none were given. Pass them, or set "
                 "model.dmsmil.deformable: false"
             )
+        pre = tuple(self.project[s][0](x) for s, x in enumerate(xs))  # Linear_s(x^s)
+        logits, contribution, aux = self.head(pre, masks, bags, transport)
+        scores = {"contribution": contribution}
+        if attribution is None:
+            attribution = not self.training and self.gradient_scores
+        if attribution:
+            scores["attribution"] = self.attribution(bags)
+        return MILOutput(logits, scores=scores, aux=aux)
+
+    def head(
+        self, pre: tuple[Tensor, ...], masks: tuple[Tensor, ...], bags: Bags, transport: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
+        """Everything after the per-scale Linear: ``pre[s] = Linear_s(x^s) (B, N_s, d)`` to
+        the logits, the ``contribution`` score and ``aux`` (scale weights, L_ot's terms)."""
         embedded, ot_points, pooled = [], [], []
-        for s, (x, mask) in enumerate(zip(xs, masks, strict=True)):
-            h = self.project[s](x)  # (B, N_s, d)
+        for s, (u, mask) in enumerate(zip(pre, masks, strict=True)):
+            h = self.project[s][1:](u)  # (B, N_s, d): ReLU, dropout
             e = h
             if self.intra is not None:
                 hw = bags.grid_hw[s] if bags.grid_hw is not None else None
@@ -168,12 +182,7 @@ class DMSMIL(MILModel):
                 method=self.ot,
                 reg=self.cfg.sinkhorn_reg,
             )  # (B,), Eq. 1
-        scores = {"contribution": contribution}
-        if attribution is None:
-            attribution = not self.training and self.gradient_scores
-        if attribution:
-            scores["attribution"] = self.attribution(bags)
-        return MILOutput(logits, scores=scores, aux=aux)
+        return logits, contribution, aux
 
     def attribution(self, bags: Bags) -> tuple[Tensor, ...]:
         """Integrated gradients of the decision logit: one ``(B, N_s)`` tensor per scale.
@@ -184,17 +193,26 @@ class DMSMIL(MILModel):
         the module docstring). Padding scores 0. Works under ``no_grad`` and
         ``inference_mode`` (the inputs are copied into a graph of their own); the model's
         weights get no gradient.
+
+        It is computed on u^s = Linear_s(x^s), the projection before its ReLU. The
+        standardisation and Linear_s are affine, so the straight path in x is a straight path
+        in u, from u(μ) = b_s (Linear_s's bias: μ standardises to 0) to u(x), and
+        (x − μ) · ∂logit/∂x = (u(x) − b_s) · ∂logit/∂u exactly. The D × d matmul then runs
+        once, not m times forward and backward.
         """
-        means = tuple(getattr(self, f"feature_mean_{s}") for s in range(self.n_scales))
         steps = self.cfg.attribution_steps
         with torch.inference_mode(False), torch.enable_grad():
-            xs = tuple(x.clone() for x in bags.x)
-            mask, grid = _clone(bags.mask), _clone(bags.grid)
+            xs, mask, grid = _clone(bags.x), _clone(bags.mask), _clone(bags.grid)
+            copied = Bags(xs, mask, grid, bags.grid_hw)
+            zs, masks = self.inputs(copied)
+            with torch.no_grad():
+                ends = tuple(self.project[s][0](z) for s, z in enumerate(zs))  # u(x)
+            starts = tuple(
+                self.project[s][0].bias.detach().expand_as(u) for s, u in enumerate(ends)
+            )  # u(μ)
 
             def decision(path: tuple[Tensor, ...]) -> Tensor:
-                logits = self(
-                    Bags(path, mask, grid, bags.grid_hw), attribution=False, transport=False
-                ).logits
+                logits = self.head(path, masks, copied, transport=False)[0]
                 if self.n_classes == 2:
                     return (logits[:, 1] - logits[:, 0]).sum()  # bags are independent
                 return logits.gather(1, logits.argmax(dim=-1, keepdim=True)).sum()
@@ -202,16 +220,15 @@ class DMSMIL(MILModel):
             # torch.func.grad, not autograd.grad: it also runs inside the served ensemble's
             # vmap over the fold models (wsimil/serve/one_pass.py). One step at a time, so
             # the memory is that of one pass whatever m is.
-            total = tuple(torch.zeros_like(x) for x in xs)
+            total = tuple(torch.zeros_like(u) for u in ends)
             for k in range(steps):
                 alpha = (k + 0.5) / steps
-                path = tuple(mu + alpha * (x - mu) for x, mu in zip(xs, means, strict=True))
+                path = tuple(b + alpha * (u - b) for u, b in zip(ends, starts, strict=True))
                 grads = torch.func.grad(decision)(path)
                 total = tuple(t + g for t, g in zip(total, grads, strict=True))
-        masks = Bags(xs, mask, grid, bags.grid_hw).masks()
         return tuple(
-            ((t / steps * (x - mu)).sum(-1) * m).detach()  # (B, N_s)
-            for x, t, mu, m in zip(xs, total, means, masks, strict=True)
+            ((t / steps * (u - b)).sum(-1) * m).detach()  # (B, N_s)
+            for u, t, b, m in zip(ends, total, starts, masks, strict=True)
         )
 
     def loss_tensors(self, out: MILOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

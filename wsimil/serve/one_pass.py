@@ -11,6 +11,9 @@ batched kernel instead of k, the bag is collated and moved once, and every model
   so the bag carries its extent (``Bags.grid_hw``), computed here once, outside vmap;
 - randomness the same on every fold: DTFD-MIL's evaluation partitions come from explicitly
   seeded generators (identical for every fold and call), so ``randomness="same"`` is exact;
+- batching rules for every op: DMSMIL's deformable attention sums its sampled cells with
+  ``F.embedding_bag``, which vmap would run fold by fold, so the stacked copy uses the same
+  sum written as a row lookup and a batched matmul (``formulation = "index"``);
 - inference only: DMSMIL's optimal-transport term is a training loss and the inference
   config switches it off (:meth:`wsimil.models.base.MILModel.inference_config`).
 
@@ -29,7 +32,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from wsimil.models import Bags, MILModel
-from wsimil.models.deformable import grid_extent, local_grid
+from wsimil.models.deformable import DeformableGridAttention, grid_extent, local_grid
 
 
 def with_grid_extent(bags: Bags) -> Bags:
@@ -60,6 +63,9 @@ class StackedFolds:
                 for n, v in params.items()
             }
         self.skeleton = copy.deepcopy(models[0]).to("meta")  # the forward, without weights
+        for module in self.skeleton.modules():  # vmap has no batching rule for embedding_bag
+            if isinstance(module, DeformableGridAttention):
+                module.formulation = "index"
         self.forward = vmap(self._one, in_dims=(0, 0, None), randomness="same")
         self._local = threading.local()
 
