@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 from wsimil.config import ModelConfig, TrainSection
-from wsimil.experiment.crossval import fold_results, fold_workers, run_fold, weights_sha256
+from wsimil.experiment.crossval import weights_sha256
+from wsimil.experiment.folds import fold_results, fold_workers, run_fold
 from wsimil.models import MODELS
 from wsimil.train.fit import SlideBag
 from wsimil.train.splits import make_splits

@@ -13,6 +13,7 @@ RTX 3060. Prints a table, asserts nothing.
 Run from the repository root (the venv's bin on PATH):
     python benchmarks/serve_latency.py [--family dmsmil] [--folds 5] [--requests 40] [--skip-json]
     python benchmarks/serve_latency.py --url http://127.0.0.1:5001 --family dmsmil
+    python benchmarks/serve_latency.py --model-only      # the model-only rows, no server
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import requests
 import torch
 
 from wsimil.config import ModelConfig
-from wsimil.experiment.crossval import CVResult, FoldResult, save_fold_models
+from wsimil.experiment.crossval import save_fold_models
+from wsimil.experiment.folds import CVResult, FoldResult
 from wsimil.models import MODELS, build_model
 from wsimil.serve.fold_ensemble import FoldEnsemble
 
@@ -174,29 +176,40 @@ def measure(url: str, body: bytes, clients: int, n_requests: int, seconds: float
 
 
 def model_only(models_dir: Path, xs, grids, repeats: int) -> dict:
-    """Seconds per bag of the fold models' forward passes: (best, median) of ``repeats``."""
-    ens = FoldEnsemble.load(models_dir, "auto")
-    one = FoldEnsemble(ens.manifest, ens.models[:1], ens.device)
-    each = FoldEnsemble(ens.manifest, ens.models, ens.device, one_pass=False)
-    k = len(ens.models)
-    out = {"device": str(ens.device)}
-    cases = (
-        ("one fold model", one),
-        (f"ensemble of {k}, fold by fold (before)", each),
-        (f"ensemble of {k}, one pass (after)", ens),
-    )
-    for name, e in cases:
-        e.predict(xs, grids)  # warm-up
-        times = []
-        for _ in range(repeats):
-            if ens.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            e.predict(xs, grids)
-            if ens.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        out[name] = (min(times), statistics.median(times))
+    """Seconds per bag of the fold models' forward passes: (best, median) of ``repeats``.
+
+    With the gradient instance score (DMSMIL's ``attribution``: m forward and backward
+    passes), as served, and without it (``gradient_scores`` off: probabilities and the
+    forward's own scores), which shows what batching the folds saves on the forward alone.
+    """
+    out: dict = {}
+    for gradient in (True, False):
+        ens = FoldEnsemble.load(models_dir, "auto")
+        for m in ens.models:
+            m.gradient_scores = gradient
+        ens = FoldEnsemble(ens.manifest, ens.models, ens.device)  # restacked with the flag
+        one = FoldEnsemble(ens.manifest, ens.models[:1], ens.device)
+        each = FoldEnsemble(ens.manifest, ens.models, ens.device, one_pass=False)
+        k = len(ens.models)
+        out["device"] = str(ens.device)
+        tag = "" if gradient else ", no gradient score"
+        cases = (
+            (f"one fold model{tag}", one),
+            (f"ensemble of {k}, fold by fold (before){tag}", each),
+            (f"ensemble of {k}, one pass (after){tag}", ens),
+        )
+        for name, e in cases:
+            e.predict(xs, grids)  # warm-up
+            times = []
+            for _ in range(repeats):
+                if ens.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                e.predict(xs, grids)
+                if ens.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[name] = (min(times), statistics.median(times))
     return out
 
 
@@ -208,6 +221,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--requests", type=int, default=40, help="per cell, at most")
     ap.add_argument("--seconds", type=float, default=60, help="per cell, at most")
+    ap.add_argument("--repeats", type=int, default=30, help="model-only timings per case")
+    ap.add_argument("--model-only", action="store_true", help="no server, no HTTP rows")
     ap.add_argument("--skip-json", action="store_true", help="only the .npy payloads")
     ap.add_argument("--url", help="a running server (its model must match --family/--dim)")
     args = ap.parse_args()
@@ -217,8 +232,10 @@ def main() -> None:
         n_scales = MODELS[args.family].n_scales
         xs, grids = random_bag(args.instances, args.dim, n_scales)
         scales = ("10x", "20x") if n_scales == 2 else ("20x",)
-        proc = None
-        if args.url is None:
+        proc, rows = None, []
+        if args.model_only:
+            pass
+        elif args.url is None:
             uri = register_random(args.family, args.folds, args.dim, tmp)
             proc, url = start_server(uri, tmp / "server.log")
         else:
@@ -226,8 +243,7 @@ def main() -> None:
         try:
             encodings = ("npy", "npy16") if args.skip_json else ("json", "npy", "npy16")
             bodies = {enc: payload(xs, grids, scales, enc) for enc in encodings}
-            rows = []
-            for enc, body in bodies.items():
+            for enc, body in bodies.items() if not args.model_only else ():
                 measure(url, body, 1, 2, args.seconds)  # warm-up
                 for clients in (1, 4):
                     m = measure(url, body, clients, args.requests, args.seconds)
@@ -236,7 +252,7 @@ def main() -> None:
             if proc is not None:
                 stop_server(proc)
         models_dir, _ = make_model(args.family, args.folds, args.dim, tmp / "local")
-        local = model_only(models_dir, xs, grids, repeats=30)
+        local = model_only(models_dir, xs, grids, repeats=args.repeats)
 
     bag = " + ".join([str(args.instances)] * n_scales)
     print(f"\n{args.family}, {args.folds} fold models, one bag of {bag} instances x {args.dim}-D")
@@ -251,16 +267,19 @@ def main() -> None:
             f"| {m['rps']:.2f} |"
         )
     print(f"\nmodel only ({local['device']}, this process, no parsing, no HTTP):")
-    single = local["one fold model"][1]
     for key, value in local.items():
         if key != "device":
+            tag = ", no gradient score" if key.endswith("no gradient score") else ""
+            single = local["one fold model" + tag][1]
             print(
                 f"  {key}: {value[0]:.4f} s per bag (best), {value[1]:.4f} s (median), "
                 f"{value[1] / single:.2f}x one fold model"
             )
-    npy_p50 = next(m["p50"] for enc, _, c, m in rows if enc == "npy" and c == 1)
-    ensemble = local[list(local)[-1]][1]  # the one-pass ensemble
-    print(f"  base64 .npy p50, 1 client / model-only ensemble median: {npy_p50 / ensemble:.2f}x")
+    if rows:
+        npy_p50 = next(m["p50"] for enc, _, c, m in rows if enc == "npy" and c == 1)
+        ensemble = local[f"ensemble of {args.folds}, one pass (after)"][1]  # as served
+        ratio = npy_p50 / ensemble
+        print(f"  base64 .npy p50, 1 client / model-only ensemble median: {ratio:.2f}x")
     print("  DMSMIL paper, one model, RTX 3060: 0.0072 s per slide")
 
 

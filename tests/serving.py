@@ -20,7 +20,8 @@ from projects import BIN, Server, free_port, mlflow_store
 from test_train import SMALL, make_bags
 
 from wsimil.config import ModelConfig, TrainConfig
-from wsimil.experiment.crossval import CVResult, run_fold, save_fold_models
+from wsimil.experiment.crossval import save_fold_models
+from wsimil.experiment.folds import CVResult, run_fold
 from wsimil.models import MODELS, build_model
 from wsimil.train.fit import SlideBag, predict
 from wsimil.train.metrics import summarize

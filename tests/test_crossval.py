@@ -87,7 +87,7 @@ def test_crossval_run_is_tracked_with_lineage(tmp_path, tracking, repo_root):
 
 @pytest.mark.slow
 def test_parallel_folds_give_the_sequential_run_to_the_byte(tmp_path, tracking, repo_root):
-    """Folds fitted in spawned processes: the same weights, metrics, predictions and curves.
+    """Folds fitted in worker processes: the same weights, metrics, predictions and curves.
 
     Slow: two full DMSMIL cross-validations, one of them starting three fresh Python
     processes (each imports torch and MLflow); 177 s on the loaded 2-core machine.

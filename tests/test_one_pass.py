@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from wsimil.config import ABMILConfig, DMSMILConfig, DTFDConfig, ModelConfig
-from wsimil.experiment.crossval import CVResult, FoldResult, save_fold_models
+from wsimil.experiment.crossval import save_fold_models
+from wsimil.experiment.folds import CVResult, FoldResult
 from wsimil.models import MODELS, build_model, collate
 from wsimil.serve.fold_ensemble import FoldEnsemble
 from wsimil.serve.one_pass import StackedFolds

@@ -36,7 +36,7 @@ import yaml
 
 from wsimil.atomic import write_text
 from wsimil.config import AblateCell, AblateGrid, ConfigError, Params, with_overrides
-from wsimil.experiment.crossval import model_scales
+from wsimil.experiment.folds import model_scales
 from wsimil.experiment.heatmaps import pyplot, save_figure
 from wsimil.experiment.tracking import start_top_run
 from wsimil.train.metrics import EXTRA_METRICS, METRICS, paired_folds

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsimil.config import Params, as_written
-from wsimil.experiment.crossval import CVResult, fold_workers, model_scales, run_crossval
+from wsimil.experiment.crossval import run_crossval
+from wsimil.experiment.folds import CVResult, fold_workers, model_scales
 from wsimil.experiment.tracking import dvc_out_hash
 from wsimil.experiment.tune import check_space, init_study, make_storage, run_study, shown_url
 from wsimil.extract.cache import features_dir

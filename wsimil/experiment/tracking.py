@@ -17,6 +17,7 @@ import fnmatch
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -38,6 +39,23 @@ def start_top_run(experiment: str, run_name: str):
         return mlflow.start_run()
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None)
+
+
+def log_history(history: list[dict]) -> None:
+    """Per-epoch metrics (``{"epoch": e, name: value, ...}`` rows) into the active run, in
+    one store write: one ``log_metrics`` per epoch costs ~35 ms each on sqlite."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(row["epoch"]))
+        for row in history
+        for key, value in row.items()
+        if key != "epoch"
+    ]
+    if metrics:
+        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
 
 def git_state(root: Path) -> dict[str, str]:

@@ -31,7 +31,7 @@ import optuna
 from wsimil import progress
 from wsimil.atomic import write_text
 from wsimil.config import ConfigError, Params, SearchParam, with_overrides
-from wsimil.experiment.crossval import CVResult, FoldResult
+from wsimil.experiment.folds import CVResult, FoldResult
 from wsimil.experiment.tracking import start_top_run
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import ot
 import torch
 from torch import Tensor
 
@@ -19,6 +18,9 @@ def wasserstein1(
     p: Tensor, q: Tensor, *, method: Literal["exact", "sinkhorn"] = "exact", reg: float = 0.1
 ) -> Tensor:
     """W₁ between the uniform distributions on the rows of ``p (n, d)`` and ``q (m, d)``."""
+    import ot  # here, not at the top: POT pulls in scikit-learn (1-4 s per process), and
+    # only a DMSMIL fit with ot on needs it, not every process that imports the models
+
     cost = torch.cdist(p, q)  # (n, m) Euclidean ground cost
     a = torch.full((p.shape[0],), 1.0 / p.shape[0], dtype=p.dtype, device=p.device)
     b = torch.full((q.shape[0],), 1.0 / q.shape[0], dtype=q.dtype, device=q.device)
