@@ -5,7 +5,7 @@
 Random bags (``--slides`` x ``--tiles`` per scale x 2048-D, on a square grid), the
 params.yaml model and train defaults but ``--epochs``, ``--folds`` folds; times
 ``run_fold`` for every fold in this process, then ``fold_results`` with
-``--workers`` processes (default min(folds, cores): ``crossval.parallel_folds: auto``), in
+``--workers`` processes (default ``crossval.parallel_folds: auto``, 3 for 5 folds on 2 cores), in
 one run, checks that every fold's weights hash is the same, and prints both times and the
 ratio. No MLflow (the fits are what parallelises). Paper scale: ``--slides 546 --tiles 200``.
 """

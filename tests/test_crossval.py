@@ -162,3 +162,17 @@ def test_dtfd_folds_report_the_tier_one_auc_beside_the_slides(tmp_path, tracking
     )
     fold_tier1 = {r.data.tags["fold"]: r.data.metrics["test_auc_tier1"] for r in children}
     assert sorted(fold_tier1.values()) == sorted(tier1)
+
+
+def test_auto_fold_workers_take_the_fewest_that_finish_soonest(monkeypatch):
+    """5 folds on 2 cores: 3 workers (waves of 3 then 2: 2.5 fold-times; 2 workers: 3)."""
+    from wsimil.experiment.folds import fold_workers, makespan
+
+    assert [makespan(5, w, 2) for w in range(1, 6)] == [5.0, 3.0, 2.5, 3.0, 2.5]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert fold_workers("auto", 5, "cpu") == 3
+    assert fold_workers("auto", 10, "cpu") == 2  # 5 waves of 2: already even
+    assert fold_workers("auto", 2, "cpu") == 2
+    assert fold_workers(4, 3, "cpu") == 3  # an explicit count, at most one per fold
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert fold_workers("auto", 5, "cpu") == 5

@@ -174,7 +174,7 @@ class CrossvalConfig(Section):
     out_dir: Path = Path("results/crossval")
     n_heatmaps: int = Field(3, ge=0, description="heatmaps drawn per run (tumour slides)")
     parallel_folds: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        1, description="folds fitted at once, a process each; auto: min(folds, cores)"
+        1, description="folds fitted at once, a process each; auto: the fewest that finish soonest"
     )
     classes: list[str] | None = Field(
         None, min_length=2, description="the labels slides.csv may use; others are an error"

@@ -105,13 +105,27 @@ def run_fold(
 
 
 def fold_workers(setting: int | str, n_folds: int, device: str) -> int:
-    """``crossval.parallel_folds`` as a process count: ``auto`` is min(folds, CPU cores) on
-    CPU and 1 on a GPU (the folds would share it)."""
+    """``crossval.parallel_folds`` as a process count: ``auto`` is 1 on a GPU (the folds
+    would share it) and, on CPU, the fewest workers that finish soonest (:func:`makespan`):
+    5 folds on 2 cores take 3 workers (2.5 fold-times, against 3 with 2), 10 folds take 2."""
     if setting != "auto":
         return max(1, min(int(setting), n_folds))
     if resolve_device(device).type != "cpu":
         return 1
-    return max(1, min(n_folds, len(os.sched_getaffinity(0))))
+    cores = max(1, len(os.sched_getaffinity(0)))
+    return min(range(1, n_folds + 1), key=lambda w: (makespan(n_folds, w, cores), w))
+
+
+def makespan(n_folds: int, workers: int, cores: int) -> float:
+    """Fold-times until ``n_folds`` equal folds are done by ``workers`` one-thread processes
+    sharing ``cores`` cores: each wave of ``min(workers, left)`` folds runs at
+    ``min(1, cores / wave)`` speed."""
+    time, left = 0.0, n_folds
+    while left > 0:
+        wave = min(workers, left)
+        time += max(1.0, wave / cores)
+        left -= wave
+    return time
 
 
 def fold_results(
