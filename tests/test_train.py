@@ -150,15 +150,3 @@ def test_standardisation_is_fitted_on_training_bags_and_saved():
     off = build_model("abmil", SMALL, [12], 2)
     fit(off, shifted, val, TrainConfig(epochs=1, standardize=False, device="cpu"))
     assert torch.equal(off.feature_mean_0, torch.zeros(12))
-
-
-@pytest.mark.parametrize("family", sorted(MODELS))
-def test_adams_loop_on_cpu_gives_the_foreach_forms_bytes(family, monkeypatch):
-    """fit runs Adam's per-tensor loop on CPU (2.4x faster there): the same losses, epoch
-    by epoch, and the same predictions as torch's foreach form, to the last bit."""
-    loop, p_loop, _ = run(family, epochs=3)
-    adam = torch.optim.Adam
-    monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, "foreach": True}))
-    foreach, p_foreach, _ = run(family, epochs=3)
-    assert loop.history == foreach.history
-    assert np.array_equal(p_loop, p_foreach)

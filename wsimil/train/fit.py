@@ -195,11 +195,8 @@ def _fit(model, train, val, cfg, device, rng, on_epoch) -> FitResult:
     if cfg.standardize:
         model.set_feature_stats(*feature_stats(train))
     model.to(device)
-    # On CPU, Adam's per-tensor loop is the same arithmetic as its foreach form (the same
-    # bytes; tests/test_train.py) and 2.4x faster: torch's CPU foreach ops are a slow loop
-    # (2.6M parameters, one thread: 15 vs 36 ms a step, half a DMSMIL step); CUDA keeps foreach
     optimiser = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=device.type != "cpu"
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
     )
     milestone = max(1, int(round(cfg.epochs * cfg.step_at))) if cfg.schedule == "step" else None
     scheduler = (
