@@ -32,5 +32,5 @@ def test_gpu_benchmark_quick_sizes_fill_every_row_of_the_table():
         assert float(re.findall(r"[\d.]+", figure.replace(",", ""))[0]) > 0, (what, figure)
     text = gpu.table(rows)
     assert text.count("\n") == len(rows) + 1
-    assert "paper 4.05 s on an RTX 3060" in text and "one pass (served)" in text
+    assert "paper 4.05 s on an RTX 3060" in text and "one pass (served on a GPU)" in text
     assert "autocast bfloat16" in text  # CPU autocast row

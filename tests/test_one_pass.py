@@ -105,9 +105,10 @@ def test_served_ensemble_answers_the_same_in_one_pass(name, tmp_path):
     cv = CVResult(name, folds, {"auc_mean": 0.5}, ["normal", "tumour"], (D_IN,) * n_scales)
     scales = ("10x", "20x") if n_scales == 2 else ("20x",)
     save_fold_models(cv, SMALL, scales, tmp_path)
-    fast = FoldEnsemble.load(tmp_path / "models", "cpu")
+    fast = FoldEnsemble.load(tmp_path / "models", "cpu", one_pass=True)
     slow = FoldEnsemble(fast.manifest, fast.models, fast.device, one_pass=False)
     assert fast.stacked is not None and slow.stacked is None
+    assert FoldEnsemble(fast.manifest, fast.models, fast.device).stacked is None  # CPU default
     feats, grids = bags_of(name, [11], seed=3)
     x = tuple(t.numpy() for t in feats[0])
     g = tuple(t.numpy() for t in grids[0])

@@ -15,9 +15,12 @@ Each threshold was chosen on its fold's validation patients, never on the data s
 family is the one the paper ranks instances by (the class's ``primary_score``).
 
 DMSMIL's optimal-transport distance is a training loss term only (it never enters the
-logits), so the inference copies are built with ``ot: off`` and skip the solver. The k fold
-models answer in one batched forward (:mod:`wsimil.serve.one_pass`); ``one_pass=False``
-runs them one by one (the same numbers; benchmarks/serve_latency.py compares the two).
+logits), so the inference copies are built with ``ot: off`` and skip the solver. On a GPU
+the k fold models answer in one batched forward (:mod:`wsimil.serve.one_pass`); on CPU they
+answer one by one, the same numbers: there the work is k times one model's arithmetic
+either way, and the batched form was no faster on 2 cores (DMSMIL with its integrated
+gradients: 1.80 s one pass against 1.60 s fold by fold; DTFD-MIL 0.052 against 0.039 s;
+``benchmarks/serve_latency.py --model-only``). ``one_pass`` forces either.
 Knows nothing of MLflow.
 """
 
@@ -58,11 +61,13 @@ class FoldEnsemble:
         models: list[MILModel],
         device: torch.device,
         *,
-        one_pass: bool = True,
+        one_pass: bool | None = None,
     ) -> None:
         self.manifest = manifest
         self.models = models
         self.device = device
+        if one_pass is None:  # measured: on CPU the one pass is no faster (module docstring)
+            one_pass = device.type == "cuda"
         self.stacked = StackedFolds(models) if one_pass and len(models) > 1 else None
         self.family: str = manifest.family
         self.scales: tuple[str, ...] = manifest.scales
@@ -75,7 +80,9 @@ class FoldEnsemble:
         self.primary_score = self.model_class.primary_score
 
     @classmethod
-    def load(cls, models_dir: Path, device: str = "auto") -> FoldEnsemble:
+    def load(
+        cls, models_dir: Path, device: str = "auto", *, one_pass: bool | None = None
+    ) -> FoldEnsemble:
         """Rebuild every fold model from ``models_dir`` (strict state-dict loading)."""
         from safetensors.torch import load_file
 
@@ -98,7 +105,7 @@ class FoldEnsemble:
                 msg = f"{path} does not fit the model ensemble.json describes: {exc}"
                 raise EnsembleError(msg) from None
             models.append(model.eval().to(dev))
-        return cls(doc, models, dev)
+        return cls(doc, models, dev, one_pass=one_pass)
 
     @property
     def needs_grid(self) -> bool:
