@@ -176,3 +176,10 @@ def test_auto_fold_workers_take_the_fewest_that_finish_soonest(monkeypatch):
     assert fold_workers(4, 3, "cpu") == 3  # an explicit count, at most one per fold
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert fold_workers("auto", 5, "cpu") == 5
+
+
+def test_the_forkserver_preloads_the_module_the_fold_workers_run():
+    """The CLI starts the forkserver by module name, before importing anything heavy."""
+    from wsimil.experiment import folds, workers
+
+    assert folds.__name__ == workers.PRELOAD

@@ -147,3 +147,16 @@ def test_a_flow_command_past_its_time_limit_is_stopped_with_its_children(tmp_pat
     if alive(grandchild):
         os.kill(grandchild, signal.SIGKILL)
         pytest.fail("the command's own child outlived the timeout")
+
+
+def test_the_work_given_to_prefect_api_runs_once_while_its_server_boots(monkeypatch):
+    """The CLI's extraction imports torch and timm while the temporary server starts."""
+    from wsimil.runtime import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    seen = []
+    with prefect_api(meanwhile=lambda: seen.append(set(prefect_servers(os.getpid())))) as url:
+        assert url and httpx.get(f"{url}/health", timeout=10).status_code == 200
+        (during,) = seen  # once
+        assert during  # the server process was already running
+    assert not any(alive(pid) for pid in during)  # and it is gone with the block

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TELEMETRY_OFF = {
@@ -80,8 +80,11 @@ def die_with_parent():
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
+def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
     """The Prefect API for the flows run inside: ``PREFECT_API_URL``, or a temporary server.
+
+    ``meanwhile`` runs once while a temporary server boots (~9 s on 2 cores), e.g. the
+    flow's own heavy imports, so the two overlap; otherwise it runs before the block.
 
     Without ``PREFECT_API_URL`` Prefect would start a temporary server (``uvicorn`` of
     ``prefect.server.api.server:create_app``) and stop it at exit, but nothing stops it when
@@ -102,6 +105,8 @@ def prefect_api() -> Iterator[str | None]:
     )
 
     if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        if meanwhile is not None:
+            meanwhile()
         yield PREFECT_API_URL.value()
         return
     env = {
@@ -115,7 +120,7 @@ def prefect_api() -> Iterator[str | None]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
     )
-    server, url = _start_bound_server(env, float(startup_s))
+    server, url = _start_bound_server(env, float(startup_s), meanwhile)
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             try:
@@ -135,7 +140,9 @@ def prefect_api() -> Iterator[str | None]:
             server.wait()
 
 
-def _start_bound_server(env: dict[str, str], timeout_s: float) -> tuple[subprocess.Popen, str]:
+def _start_bound_server(
+    env: dict[str, str], timeout_s: float, meanwhile: Callable[[], object] | None = None
+) -> tuple[subprocess.Popen, str]:
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -148,6 +155,14 @@ def _start_bound_server(env: dict[str, str], timeout_s: float) -> tuple[subproce
                "--lifespan", "on"]  # fmt: skip
         server = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent())
         url = f"http://127.0.0.1:{port}/api"
+        if meanwhile is not None:  # while the server boots; once, whatever the attempts
+            meanwhile, work = None, meanwhile
+            try:
+                work()
+            except BaseException:
+                server.kill()
+                server.wait()
+                raise
         while server.poll() is None and time.monotonic() < deadline:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:

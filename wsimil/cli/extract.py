@@ -64,6 +64,7 @@ def features(
 
 def _run_extraction(which: str, params: Params, dask: str | None) -> None:
     """Run an extraction flow (wsimil.extract.flows); print failures; exit 1 if one failed."""
+    import importlib
     import logging
     import os
 
@@ -90,7 +91,12 @@ def _run_extraction(which: str, params: Params, dask: str | None) -> None:
         read_slide_table(params.tiles.slides_csv)
     except SlideError as exc:
         fail(str(exc))
-    with prefect_api():  # a temporary server, if one is needed, dies with this process
+    # a temporary server, if one is needed, dies with this process; the flow's own heavy
+    # imports (the slide reader; torch and timm) run while it boots
+    heavy = ["wsimil.extract.tiles"]
+    if which == "features":
+        heavy += ["wsimil.extract.features", "wsimil.extract.extractors"]
+    with prefect_api(meanwhile=lambda: [importlib.import_module(m) for m in heavy]):
         state = flows.run(which, params.tiles, params.features, dask=cluster)
         if not state.is_completed():
             fail(state.message or f"the {which} flow did not complete")

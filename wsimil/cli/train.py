@@ -49,6 +49,14 @@ def _summary_line(name: str, s: dict) -> str:
     )
 
 
+def _prestart_fold_workers(params) -> None:
+    """Folds may run in worker processes: start their forkserver before the slow imports."""
+    if params.crossval.parallel_folds != 1:
+        from wsimil.experiment import workers
+
+        workers.start()
+
+
 def crossval(
     model: ModelOption = None,
     trial: Annotated[
@@ -66,6 +74,7 @@ def crossval(
 ) -> None:
     """Cross-validate one model family on the shared folds; track it in MLflow."""
     params, root = project(params_path, sets, preset)
+    _prestart_fold_workers(params)
     name = family(params, model)
     from wsimil.experiment.project import crossval_runner
     from wsimil.train.bags import CohortError
@@ -93,6 +102,8 @@ def tune(
     import os
 
     params, root = project(params_path, sets, preset)
+    if not init_only:
+        _prestart_fold_workers(params)
     name = family(params, model)
     from wsimil.experiment.project import prepare_study
     from wsimil.train.bags import CohortError

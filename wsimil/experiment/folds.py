@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil.config import ModelConfig, TrainConfig
+from wsimil.experiment import workers
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
 from wsimil.train.fit import SlideBag, fit, predict, resolve_device, sub_bag_proba
@@ -165,17 +166,11 @@ def fold_results(
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
-    """The forkserver the fold workers fork from, started now (idempotent).
+    """The forkserver the fold workers fork from, started now if it is not (idempotent).
 
     A fresh process per worker would import torch and the models again (~10 s each, on the
     2-core machine); the forkserver imports them once and every worker of this process's
-    pools forks from it. Call it early (before the parent's own slow set-up) to overlap
-    that import with it. Workers run with ``train.cpu_threads`` threads and seed from
+    pools forks from it. Workers run with ``train.cpu_threads`` threads and seed from
     (seed, fold, trial), so results are the same bytes as in this process.
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
-    return ctx
+    return workers.start()
