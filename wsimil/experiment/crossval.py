@@ -31,7 +31,6 @@ from wsimil.experiment.folds import (
     fold_results,
     model_scales,
     run_fold,
-    worker_context,
 )
 from wsimil.experiment.heatmaps import localisation_auc, save_heatmap, tile_tumour_share
 from wsimil.experiment.regions import region_scores
@@ -42,6 +41,7 @@ from wsimil.experiment.tracking import (
     log_history,
     start_top_run,
 )
+from wsimil.experiment.workers import start as start_forkserver
 from wsimil.extract.ids import under
 from wsimil.models import MODELS
 from wsimil.train.fit import SlideBag
@@ -235,7 +235,7 @@ def run_crossval(
             talks to MLflow (a fold's per-epoch curve is logged when the fold is done).
     """
     if parallel_folds > 1:
-        worker_context()  # the workers' forkserver imports while MLflow sets up here
+        start_forkserver()  # the workers' forkserver imports while MLflow sets up here
     classes = list(splits["classes"])
     scales = model_scales(family, model_cfg)
     tags = _run_tags(family, train_cfg, splits, scales, lineage, root)

@@ -9,7 +9,6 @@ of re-importing for ~10 s, and a tuner's later trials reuse the same forkserver.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil.config import ModelConfig, TrainConfig
-from wsimil.experiment import workers
+from wsimil.experiment.workers import start as start_forkserver
 from wsimil.models import MODELS, build_model
 from wsimil.seeding import FitSeeds
 from wsimil.train.fit import SlideBag, fit, predict, resolve_device, sub_bag_proba
@@ -147,7 +146,7 @@ def fold_results(
     whether it runs here or in a fresh (spawned) process. Closing the iterator early (a
     pruned trial) cancels the folds not started yet.
     """
-    ctx = worker_context()
+    ctx = start_forkserver()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = []
         for fold in folds:
@@ -163,14 +162,3 @@ def fold_results(
         finally:
             for future in futures:
                 future.cancel()
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The forkserver the fold workers fork from, started now if it is not (idempotent).
-
-    A fresh process per worker would import torch and the models again (~10 s each, on the
-    2-core machine); the forkserver imports them once and every worker of this process's
-    pools forks from it. Workers run with ``train.cpu_threads`` threads and seed from
-    (seed, fold, trial), so results are the same bytes as in this process.
-    """
-    return workers.start()

@@ -15,7 +15,13 @@ PRELOAD = "wsimil.experiment.folds"  # the module the fold workers run
 
 
 def start() -> multiprocessing.context.BaseContext:
-    """Start the forkserver (idempotent: later calls and later pools reuse it); its context."""
+    """Start the forkserver (idempotent: later calls and later pools reuse it); its context.
+
+    A fresh process per worker would import torch and the models again (~10 s each, on the
+    2-core machine); the forkserver imports them once and every worker forks from it.
+    Workers run with ``train.cpu_threads`` threads and seed from (seed, fold, trial), so
+    results are the same bytes as in the parent.
+    """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([PRELOAD])
     forkserver.ensure_running()

@@ -128,14 +128,17 @@ class DMSMIL(MILModel):
                 "positions (Bags.grid); none were given. Pass them, or set "
                 "model.dmsmil.deformable: false"
             )
-        pre = tuple(self.project[s][0](x) for s, x in enumerate(xs))  # Linear_s(x^s)
-        logits, contribution, aux = self.head(pre, masks, bags, transport)
+        logits, contribution, aux = self.head(self.pre_activation(xs), masks, bags, transport)
         scores = {"contribution": contribution}
         if attribution is None:
             attribution = not self.training and self.gradient_scores
         if attribution:
             scores["attribution"] = self.attribution(bags)
         return MILOutput(logits, scores=scores, aux=aux)
+
+    def pre_activation(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """u^s = Linear_s(x^s) per scale: the per-scale projection before its ReLU."""
+        return tuple(self.project[s][0](x) for s, x in enumerate(xs))
 
     def head(
         self, pre: tuple[Tensor, ...], masks: tuple[Tensor, ...], bags: Bags, transport: bool
@@ -206,7 +209,7 @@ class DMSMIL(MILModel):
             copied = Bags(xs, mask, grid, bags.grid_hw)
             zs, masks = self.inputs(copied)
             with torch.no_grad():
-                ends = tuple(self.project[s][0](z) for s, z in enumerate(zs))  # u(x)
+                ends = self.pre_activation(zs)  # u(x)
             starts = tuple(
                 self.project[s][0].bias.detach().expand_as(u) for s, u in enumerate(ends)
             )  # u(μ)
