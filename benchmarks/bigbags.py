@@ -2,7 +2,8 @@
 
 Bags of 2,000-50,000 instances of 1024-D features (ResNet-50 to layer3, DTFD-MIL's setting),
 random and seeded, made here. Each stage runs in a fresh process so that its peak resident
-set (``ru_maxrss``) is its own; growth is the peak minus the resident set before the stage:
+set (``VmHWM``, benchmarks/memory.py) is its own; growth is the peak minus the resident set
+before the stage:
 
     write   one slide's feature cache written by the project's writer (``write_h5``)
     read    one cache read back by ``read_bag`` (the reader CLAM/TRIDENT files go through)
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,20 +35,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_mb, rss_mb
 
 DIM = 1024
 STAGES = ("write", "read", "dtfd", "abmil", "serve")
 N_BAGS = 3  # two training bags, one validation bag
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def features(n: int, seed: int, dim: int = DIM) -> np.ndarray:

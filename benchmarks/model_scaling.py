@@ -27,17 +27,12 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import resource
 import time
+
+from memory import peak_mb, rss_mb
 
 D_IN = 2048
 ROWS = ["abmil", "dtfd", "dmsmil-plain", "dmsmil", "dmsmil+ot", "full-attention"]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
 
 
 def _measure(row: str, n: int, threads: int, repeats: int, queue: mp.Queue) -> None:
@@ -92,11 +87,11 @@ def _measure(row: str, n: int, threads: int, repeats: int, queue: mp.Queue) -> N
             loss.backward()
 
     model.train()
-    before = _rss_mb()
+    before = rss_mb()
     t0 = time.process_time()
     step()
     first_s = time.process_time() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    growth_mb = peak_mb() - before
     times = []
     for _ in range(repeats if first_s < 5 else 1):
         model.zero_grad(set_to_none=True)
@@ -104,7 +99,7 @@ def _measure(row: str, n: int, threads: int, repeats: int, queue: mp.Queue) -> N
         step()
         times.append(time.process_time() - t0)
     times.sort()
-    queue.put({"time_s": times[len(times) // 2], "peak_mb": max(peak_mb, 0.0)})
+    queue.put({"time_s": times[len(times) // 2], "peak_mb": max(growth_mb, 0.0)})
 
 
 def run(row: str, n: int, threads: int, repeats: int) -> dict:

@@ -66,3 +66,14 @@ def test_a_grid_wider_than_the_training_limit_leaves_that_slide_out_with_the_key
     out = too_wide_grids({"narrow": narrow, "wide": wide}, 10_000, "train.dmsmil.max_grid_cells")
     assert list(out) == ["wide"]
     assert "slide wide" in out["wide"] and "train.dmsmil.max_grid_cells=10000" in out["wide"]
+
+
+def test_a_stage_peak_is_its_own_not_its_parents(repo_root):
+    # Linux keeps ru_maxrss across the vfork + exec that starts a subprocess; a stage started
+    # by a pytest worker that had peaked at 1.6 GB once reported that peak as its own.
+    held = np.ones(2**27)  # 1 GiB touched in this (parent) process
+    code = "import memory; print(memory.peak_mb())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root / "benchmarks",
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert float(done.stdout) < 200, done.stdout
+    assert held[-1] == 1.0
