@@ -134,6 +134,26 @@ def make_model(family: str, cfg, n_features: int, setting: dict, seed: int):
     return model
 
 
+def feature_scaling(bags: list[np.ndarray], train: np.ndarray, scaling: str):
+    """Per run, the ``(mean, scale)`` its bags are standardised with: the training folds'
+    instance statistics by the fit loop's rule (``zscore``: a feature constant on the
+    training instances is centred, not scaled), the earlier floored std (``zscore-floor``),
+    or none (``raw``: 0 and 1)."""
+    import torch
+
+    from wsimil.train.fit import feature_scale
+
+    dim = bags[0].shape[1]
+    if scaling == "raw":
+        return torch.zeros(len(train), dim), torch.ones(len(train), dim)
+    stats = [np.concatenate([bags[i] for i in tr]) for tr in train]
+    mean = torch.from_numpy(np.stack([s.mean(0) for s in stats]))
+    std = torch.from_numpy(np.stack([s.std(0) for s in stats]))
+    if scaling == "zscore-floor":  # this script's earlier rule: std floored at 1e-6
+        return mean, std.clamp_min(1e-6)
+    return mean, feature_scale(std)
+
+
 def run_job(names: tuple[str, ...], model: str, setting: dict, eval_every: int, seed: int):
     """All 50 (repeat, fold) runs of every dataset in ``names``, trained as one ensemble per
     training-set size; tests every run after each ``eval_every`` epochs and after the last.
@@ -160,9 +180,7 @@ def run_job(names: tuple[str, ...], model: str, setting: dict, eval_every: int, 
         by_size.setdefault(len(split[3]), []).append(split)
     for group in by_size.values():
         train = np.stack([s[3] for s in group])
-        stats = [np.concatenate([bags[i] for i in tr]) for tr in train]
-        mean = torch.from_numpy(np.stack([s.mean(0) for s in stats]))
-        std = torch.from_numpy(np.stack([s.std(0) for s in stats])).clamp_min(1e-6)
+        mean, std = feature_scaling(bags, train, setting.get("scaling", "zscore"))
         n_test = max(len(s[4]) for s in group)
         test = np.stack([np.resize(s[4], n_test) for s in group])  # pad by repeating
         ens = Ensemble(
@@ -252,13 +270,21 @@ def main() -> None:
         default="all",
         help="ABMIL: dropout after every MLP layer (ours) or only the last (MINNs)",
     )
+    parser.add_argument(
+        "--scaling",
+        choices=("zscore", "zscore-floor", "raw"),
+        default="zscore",
+        help="z-score by the training folds' statistics (constant features centred only), "
+        "the earlier std floor of 1e-6, or raw features",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mil_benchmarks.json")
     args = parser.parse_args()
     if args.epochs < 1 or args.eval_every < 1:
         parser.error("--epochs and --eval-every must be at least 1")
 
-    setting = {**SETTING, "epochs": args.epochs, "dropout_at": args.dropout_at}
+    setting = {**SETTING, "epochs": args.epochs, "dropout_at": args.dropout_at,
+               "scaling": args.scaling}  # fmt: skip
     jobs = jobs_for(args.datasets, args.models, setting, args.eval_every, args.seed)
     # rows of earlier runs stay unless this run replaces them (one file for all runs)
     result: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}

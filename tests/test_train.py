@@ -13,7 +13,7 @@ from wsimil.config import (
     ModelConfig,
     TrainConfig,
 )
-from wsimil.models import MODELS, build_model
+from wsimil.models import MODELS, build_model, collate
 from wsimil.train.fit import SlideBag, feature_stats, fit, predict
 from wsimil.train.metrics import slide_metrics
 
@@ -150,3 +150,20 @@ def test_standardisation_is_fitted_on_training_bags_and_saved():
     off = build_model("abmil", SMALL, [12], 2)
     fit(off, shifted, val, TrainConfig(epochs=1, standardize=False, device="cpu"))
     assert torch.equal(off.feature_mean_0, torch.zeros(12))
+
+
+def test_a_feature_constant_in_training_is_centred_not_scaled():
+    # A dead channel (all zero on the training instances) that fires on a served bag stays
+    # its value; a std floored at 1e-6 made it a million times that (Tiger: up to 7e7).
+    train = make_bags(4, 1, seed=0)
+    for b in train:
+        b.x[0][:, 3] = 0.0
+    (mean,), (scale,) = feature_stats(train)
+    assert scale[3] == 1.0 and mean[3] == 0.0
+    assert torch.all(scale[torch.arange(12) != 3] > 0.5)  # the others: their std
+    model = build_model("abmil", SMALL, [12], 2)
+    model.set_feature_stats([mean], [scale])
+    served = torch.zeros(1, 2, 12)
+    served[0, 0, 3] = 5.0
+    (x,), _ = model.inputs(collate([[served[0]]]))
+    assert x[0, 0, 3] == 5.0
