@@ -134,21 +134,27 @@ def make_model(family: str, cfg, n_features: int, setting: dict, seed: int):
     return model
 
 
-def feature_scaling(bags: list[np.ndarray], train: np.ndarray, scaling: str):
-    """Per run, the ``(mean, scale)`` its bags are standardised with: the training folds'
-    instance statistics by the fit loop's rule (``zscore``: a feature constant on the
-    training instances is centred, not scaled), the earlier floored std (``zscore-floor``),
-    or none (``raw``: 0 and 1)."""
+def feature_scaling(bags: list[np.ndarray], runs: list[tuple], scaling: str):
+    """Per run ``(dataset, repeat, fold, train_idx, test_idx)``, the ``(mean, scale)`` its
+    bags are standardised with: the training folds' instance statistics by the fit loop's
+    rule (``zscore``: a feature constant on the training instances is centred, not scaled),
+    the earlier floored std (``zscore-floor``), Wang et al.'s rule (``dataset``: mean and std
+    of every instance of the run's dataset, test folds included, each + 1e-6; MINNs
+    ``mil_nets/dataset.py`` standardises before it splits), or none (``raw``: 0 and 1)."""
     import torch
 
     from wsimil.train.fit import feature_scale
 
-    dim = bags[0].shape[1]
     if scaling == "raw":
-        return torch.zeros(len(train), dim), torch.ones(len(train), dim)
-    stats = [np.concatenate([bags[i] for i in tr]) for tr in train]
+        dim = bags[0].shape[1]
+        return torch.zeros(len(runs), dim), torch.ones(len(runs), dim)
+    use_all = scaling == "dataset"
+    stats = [np.concatenate([bags[i] for i in (np.r_[tr, te] if use_all else tr)])
+             for _, _, _, tr, te in runs]  # fmt: skip
     mean = torch.from_numpy(np.stack([s.mean(0) for s in stats]))
     std = torch.from_numpy(np.stack([s.std(0) for s in stats]))
+    if use_all:
+        return mean + 1e-6, std + 1e-6
     if scaling == "zscore-floor":  # this script's earlier rule: std floored at 1e-6
         return mean, std.clamp_min(1e-6)
     return mean, feature_scale(std)
@@ -180,7 +186,7 @@ def run_job(names: tuple[str, ...], model: str, setting: dict, eval_every: int, 
         by_size.setdefault(len(split[3]), []).append(split)
     for group in by_size.values():
         train = np.stack([s[3] for s in group])
-        mean, std = feature_scaling(bags, train, setting.get("scaling", "zscore"))
+        mean, std = feature_scaling(bags, group, setting.get("scaling", "zscore"))
         n_test = max(len(s[4]) for s in group)
         test = np.stack([np.resize(s[4], n_test) for s in group])  # pad by repeating
         ens = Ensemble(
@@ -272,10 +278,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--scaling",
-        choices=("zscore", "zscore-floor", "raw"),
+        choices=("zscore", "zscore-floor", "dataset", "raw"),
         default="zscore",
         help="z-score by the training folds' statistics (constant features centred only), "
-        "the earlier std floor of 1e-6, or raw features",
+        "the earlier std floor of 1e-6, every instance's statistics (MINNs), or raw",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mil_benchmarks.json")

@@ -91,3 +91,23 @@ def test_jobs_stack_fox_tiger_elephant_and_keep_musk1_apart():
         (("Musk1",), "dtfd"),
         (("Fox", "Tiger", "Elephant"), "dtfd"),
     ]
+
+
+def test_scaling_rules_take_their_statistics_from_the_runs_own_instances():
+    script = _bench_script()
+    bags, _, splits = script.load_group(("Fox", "Tiger"))
+    runs = [splits[0], splits[57]]  # Fox r0 f0, Tiger r0 f7
+    mean, scale = script.feature_scaling(bags, runs, "zscore")
+    train = np.concatenate([bags[i] for i in runs[1][3]])
+    np.testing.assert_allclose(mean[1].numpy(), train.mean(0), rtol=1e-6)
+    constant = train.std(0) == 0  # Tiger holds 87 such features on its training folds
+    assert constant.sum() > 50 and (scale[1].numpy()[constant] == 1).all()
+    assert (
+        script.feature_scaling(bags, runs, "zscore-floor")[1][1].numpy()[constant] == 1e-6
+    ).all()
+    mean_all, _ = script.feature_scaling(bags, runs, "dataset")
+    tiger = np.concatenate(bags[200:])  # train + test folds of Tiger, not Fox's bags
+    # float32 sums in another instance order: equal to float32 rounding, not to the bit
+    np.testing.assert_allclose(mean_all[1].numpy(), tiger.mean(0) + 1e-6, rtol=1e-4, atol=1e-6)
+    raw_mean, raw_scale = script.feature_scaling(bags, runs, "raw")
+    assert (raw_mean == 0).all() and (raw_scale == 1).all()
