@@ -39,14 +39,22 @@ Ilse follow for these datasets = "Wang", code github.com/yanyongluan/MINNs):
   pages; AMLab-Amsterdam/AttentionDeepMIL holds MNIST-bags only) carry the abstract, not
   the appendix. Anything above not sourced is "not published (to us); our choice".
 
-Choices of ours: features are z-scored with the training folds' instance mean and std
-(Musk1 ships raw integers in the hundreds); DTFD-MIL uses the same MLP as its dimension
-reduction, M = 2 pseudo-bags (bags hold 1-40 instances, ~6 on average, so the reference M =
-4 would leave single-instance pseudo-bags), AFS distillation, 4 evaluation partitions; DAMIL
-uses a 64-wide projection, 4 heads x 4 points, c = 1.5. These bags have no geometry, so for
-DAMIL instance k of a bag is placed at (k mod w, k div w) with w = ceil(sqrt(N_max)) — the
-neighbourhood is the file's instance order, so DAMIL is measured as a pooling model here,
-not as a spatial one.
+- Feature scaling: MINNs ``mil_nets/dataset.py`` z-scores every instance of the dataset
+  (mean and std each + 1e-6) before it splits the folds, so its statistics include the test
+  folds' features; ``--scaling dataset`` does that. Ours (``--scaling zscore``, the default)
+  takes them from the training folds only, by the fit loop's rule: a feature constant on
+  the training instances is centred, not scaled. Fox, Tiger and Elephant hold 87 features
+  that are zero on every training instance of a fold and not always on its test bags; the
+  earlier rule of this script (``zscore-floor``, std floored at 1e-6) made those test
+  values up to 7e7 (README "MIL benchmarks" has the accuracy with each rule).
+
+Choices of ours: features are z-scored (Musk1 ships raw integers in the hundreds); DTFD-MIL
+uses the same MLP as its dimension reduction, M = 2 pseudo-bags (bags hold 1-40 instances,
+~6 on average, so the reference M = 4 would leave single-instance pseudo-bags), AFS
+distillation, 4 evaluation partitions; DAMIL uses a 64-wide projection, 4 heads x 4 points,
+c = 1.5. These bags have no geometry, so for DAMIL instance k of a bag is placed at (k mod
+w, k div w) with w = ceil(sqrt(N_max)) — the neighbourhood is the file's instance order, so
+DAMIL is measured as a pooling model here, not as a spatial one.
 
 All (repetition, fold) runs of one training-set size train together as one vmapped ensemble
 (:mod:`wsimil.milbench.stacked`), which equals sequential fits; Fox, Tiger and Elephant
