@@ -7,3 +7,4 @@ S="-S crossval.n_folds=3 -S crossval.splits_path=splits3.json -S train.dmsmil.ep
 wsimil splits $S
 start=$(date +%s); wsimil ablate --model dmsmil --grid tables $S; echo "WALL tables $(( $(date +%s) - start )) s"
 start=$(date +%s); wsimil ablate --model dtfd --grid dtfd-m.yaml $S; echo "WALL dtfd $(( $(date +%s) - start )) s"
+start=$(date +%s); wsimil ablate --model dtfd --grid distill $S; echo "WALL distill $(( $(date +%s) - start )) s"
