@@ -151,7 +151,7 @@ def feature_scaling(bags: list[np.ndarray], runs: list[tuple], scaling: str):
     ``mil_nets/dataset.py`` standardises before it splits), or none (``raw``: 0 and 1)."""
     import torch
 
-    from wsimil.train.fit import feature_scale
+    from wsimil.train.fit import CONSTANT_STD, feature_scale
 
     if scaling == "raw":
         dim = bags[0].shape[1]
@@ -164,7 +164,7 @@ def feature_scaling(bags: list[np.ndarray], runs: list[tuple], scaling: str):
     if use_all:
         return mean + 1e-6, std + 1e-6
     if scaling == "zscore-floor":  # this script's earlier rule: std floored at 1e-6
-        return mean, std.clamp_min(1e-6)
+        return mean, std.clamp_min(CONSTANT_STD)
     return mean, feature_scale(std)
 
 
