@@ -11,10 +11,15 @@ then prints what it did. One module per stage group:
     extract.py   synth, tiles, features, extractors
     train.py     splits, crossval, tune, ablate, reproduce
     registry.py  register, predict, evaluate
+    fast_exit.py the process's end, without the interpreter's 2-3 s teardown
 """
 
 from __future__ import annotations
 
+# isort: off
+from wsimil.cli import fast_exit  # first: its exit handler must run after every later one
+
+# isort: on
 import typer
 
 from wsimil.cli import extract, project, registry, train
@@ -49,4 +54,13 @@ for command in (
 
 
 def main() -> None:
-    app()
+    """The ``wsimil`` command; the process then ends without the interpreter's teardown."""
+    code = 1  # an uncaught error: Python prints its traceback, the status is 1
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = fast_exit.exit_status(exc.code)
+        raise
+    finally:
+        fast_exit.arm(code)
