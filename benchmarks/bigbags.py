@@ -191,7 +191,7 @@ def floor(slides: int, subset: int, n: int, threads: int) -> None:
     from wsimil.config import ModelConfig, TrainSection
     from wsimil.extract.instances import SlideBag
     from wsimil.models import build_model
-    from wsimil.train.fit import clip_groups, train_step
+    from wsimil.train.fit import adam, clip_groups, train_step
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -200,7 +200,7 @@ def floor(slides: int, subset: int, n: int, threads: int) -> None:
     cfg = TrainSection().dtfd
     model = build_model("dtfd", ModelConfig(), [DIM], 2, seed=0)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(model, cfg)
     groups, cpu = clip_groups(model), torch.device("cpu")
     for b in bags[:2]:  # warm-up
         train_step(model, [b], opt, groups, cfg.grad_clip, cpu)

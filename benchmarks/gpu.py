@@ -43,7 +43,7 @@ from wsimil.extract.extractors import build_extractor  # noqa: E402
 from wsimil.extract.instances import SlideBag  # noqa: E402
 from wsimil.models import MODELS, build_model  # noqa: E402
 from wsimil.serve.fold_ensemble import FoldEnsemble  # noqa: E402
-from wsimil.train.fit import batches, clip_groups, train_step  # noqa: E402
+from wsimil.train.fit import adam, batches, clip_groups, train_step  # noqa: E402
 
 PAPER_EPOCH_S = 4.05  # DMSMIL paper, 546 TCGA-BRCA slides, RTX 3060
 
@@ -145,7 +145,7 @@ def epoch_seconds(family: str, shape: tuple[int, int, int, int], device: torch.d
     bags = random_slides(n_timed, n_scales, tiles, dim)
     model = build_model(family, ModelConfig(), [dim] * n_scales, 2).to(device).train()
     cfg = TrainConfig(grad_clip=5.0 if family == "dtfd" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(model, cfg)
     groups = clip_groups(model)
     steps = batches(bags, 1, np.arange(len(bags)))
     for batch in steps[: min(3, len(steps))]:  # warm-up (allocator, kernels)

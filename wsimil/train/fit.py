@@ -81,6 +81,31 @@ def feature_stats(bags: Sequence[SlideBag]) -> tuple[list[Tensor], list[Tensor]]
     return means, scales
 
 
+ADAM_IMPLEMENTATIONS = ("fused", "foreach")
+
+
+def adam(
+    model: torch.nn.Module, cfg: TrainConfig, implementation: str = "fused"
+) -> torch.optim.Adam:
+    """The fit's optimiser: Adam with ``cfg``'s rate and weight decay, on the model's device.
+
+    ``fused`` (the default) updates every parameter in one kernel per step; ``foreach``,
+    what fits used before, makes about ten passes over the parameters and their moments.
+    The rule is the same and only the rounding differs: two float32 roundings after one
+    step, 1.5e-8 after 50 (tests/test_train.py). Measured on 2 CPU cores: a DMSMIL demo
+    fold at d = 512 (2.3 M parameters, 48 + 48 tiles) trained 1.4x faster fused, and a
+    paper-scale DMSMIL epoch runs 1.16x faster (``python benchmarks/train_epoch.py --adam
+    foreach fused`` prints both). Both are deterministic, on any thread count.
+    """
+    if implementation not in ADAM_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Adam implementation {implementation!r}: use one of {ADAM_IMPLEMENTATIONS}"
+        )
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **{implementation: True}
+    )
+
+
 def clip_groups(model: MILModel) -> list[list[Tensor]]:
     groups = getattr(model, "clip_groups", None)
     return groups() if callable(groups) else [list(model.parameters())]
@@ -209,9 +234,7 @@ def _fit(model, train, val, cfg, device, rng, on_epoch) -> FitResult:
     if cfg.standardize:
         model.set_feature_stats(*feature_stats(train))
     model.to(device)
-    optimiser = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
-    )
+    optimiser = adam(model, cfg)
     milestone = max(1, int(round(cfg.epochs * cfg.step_at))) if cfg.schedule == "step" else None
     scheduler = (
         torch.optim.lr_scheduler.MultiStepLR(optimiser, [milestone], gamma=cfg.step_factor)
