@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from wsimil.models.deformable import DeformableGridAttention
+from wsimil.models.deformable import DeformableGridAttention, through_heads
 
 
 def pair(
@@ -120,6 +120,28 @@ def test_points_past_the_border_get_no_weight_as_in_grid_sample():
     far = (col < -1) | (col >= 4) | (row < -1) | (row >= 3)  # all four cells off the grid
     edge = ~far & ((col < 0) | (col > 3) | (row < 0) | (row > 2))  # some cells off it
     assert far.float().mean() > 0.2 and edge.float().mean() > 0.1  # both cases are tested
+    torch.testing.assert_close(got.out, want.out, atol=1e-9, rtol=0)
+    torch.testing.assert_close(gx, rx, atol=1e-9, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], rgrads[name], atol=1e-9, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("n_tiles", [5, 12, 40])
+def test_queries_through_w_q_or_through_the_heads_product_agree(n_tiles):
+    """Up to 3MU instances z_q is formed with W_q, beyond through the heads' product with
+    W_q; either way the module equals its grid_sample transcription."""
+    dtype = torch.float64
+    fast, reference = pair(dtype, 3)
+    rank = 3 * fast.heads * fast.points  # 36
+    assert through_heads(n_tiles, rank) == (n_tiles > rank)
+    gen = torch.Generator().manual_seed(n_tiles)
+    x = torch.randn(1, n_tiles, 16, generator=gen, dtype=dtype)
+    cells = torch.randperm(64, generator=gen)[:n_tiles]
+    grid = torch.stack([cells % 8, cells // 8], -1).unsqueeze(0)
+    mask = torch.ones(1, n_tiles, dtype=torch.bool)
+    upstream = torch.randn(x.shape, dtype=dtype, generator=gen)
+    got, gx, grads = outputs_and_grads(fast, x, grid, mask, upstream)
+    want, rx, rgrads = outputs_and_grads(reference, x, grid, mask, upstream)
     torch.testing.assert_close(got.out, want.out, atol=1e-9, rtol=0)
     torch.testing.assert_close(gx, rx, atol=1e-9, rtol=0)
     for name in grads:

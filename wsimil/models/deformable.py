@@ -20,10 +20,11 @@ the head's dh value channels and the occupancy; the four cells around every poin
 up and summed with their bilinear × A_mqu weights in one fused weighted gather
 (``F.embedding_bag``), which gives each head's sum and its occupancy mass at once. The border
 keeps the four cells of any point that touches the grid inside its own bag, so a point needs
-one validity test, not four. z_q is never formed: it only feeds Linear_2MU and Linear_MU, so
-their product with W_q (3MU × d) is applied instead. On CPU that is the sampling without
-grid_sample's slow backward and a 3MU-wide matmul instead of a d × d one; what is left is the
-value and output projections (``benchmarks/deformable.py``, README "Benchmarks").
+one validity test, not four. On a bag of more than 3MU instances z_q is never formed: it only
+feeds Linear_2MU and Linear_MU, so their product with W_q (3MU × d) is applied instead
+(:func:`through_heads`). On CPU that is the sampling without grid_sample's slow backward and
+a 3MU-wide matmul instead of a d × d one; what is left is the value and output projections
+(``benchmarks/deformable.py``, README "Benchmarks").
 
 Choices where the paper is silent: W'_m are the M row blocks of one d×d value projection and
 W_m the column blocks of one d×d output projection (Deformable DETR's layout); there is no
@@ -54,6 +55,16 @@ def local_grid(grid: Tensor, mask: Tensor) -> Tensor:
 def grid_extent(grid: Tensor) -> tuple[int, int]:
     """``(rows, cols)`` of the dense grid a :func:`local_grid` needs (``Bags.grid_hw``)."""
     return int(grid[..., 1].max()) + 1, int(grid[..., 0].max()) + 1
+
+
+def through_heads(rows: int, rank: int) -> bool:
+    """Whether ``rows`` queries are cheaper through the heads' product with W_q (rank × d,
+    formed once: rank·d² multiply-adds) than through W_q itself (rows·d²): rows > rank.
+
+    Both give the same z up to float rounding. The product wins on slide-sized bags (K = 200
+    per scale against 3MU = 96) and loses on the demo's 48 tiles and on small served bags.
+    """
+    return rows > rank
 
 
 @dataclass
@@ -109,13 +120,18 @@ class DeformableGridAttention(nn.Module):
         M, U, dh = self.heads, self.points, self.head_dim
         grid, (H, W) = _on_grid(grid, mask, grid_hw)
 
-        # z_q feeds only Linear_2MU and Linear_MU: apply their product with W_q (rank 3MU)
-        # instead of the d x d W_q itself; the parameters are unchanged
+        # z_q feeds only Linear_2MU and Linear_MU: for more than 3MU rows, apply their
+        # product with W_q (rank 3MU) instead of the d x d W_q itself; the parameters are
+        # unchanged
         heads_w = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
         heads_b = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
-        w = heads_w @ self.query.weight  # (3MU, d)
-        b = torch.addmv(heads_b, heads_w, self.query.bias)  # (3MU,)
-        zo, za = F.linear(x, w, b).split([2 * M * U, M * U], dim=-1)
+        if through_heads(B * N, heads_w.shape[0]):
+            w = heads_w @ self.query.weight  # (3MU, d)
+            b = torch.addmv(heads_b, heads_w, self.query.bias)  # (3MU,)
+            z = F.linear(x, w, b)
+        else:
+            z = F.linear(self.query(x), heads_w, heads_b)
+        zo, za = z.split([2 * M * U, M * U], dim=-1)
         offsets = (self.offset_scale * torch.tanh(zo)).view(B, N, M, U, 2)  # cells, Eq. 3
         weights = torch.softmax(za.view(B, N, M, U), dim=-1)  # (B, N, M, U), Eq. 4
 
