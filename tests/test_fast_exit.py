@@ -75,3 +75,29 @@ def test_the_cli_keeps_its_exit_status_and_its_error_line(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr  # no params.yaml
+
+
+@pytest.mark.parametrize(
+    "body, status, stderr",
+    [
+        ("pass", 0, ""),
+        ("raise SystemExit(3)", 3, ""),
+        ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+    ],
+)
+def test_main_arms_the_status_python_would_give(body, status, stderr):
+    res = run_python(
+        f"""
+        import wsimil.cli as cli
+
+        def app():
+            {body}
+
+        cli.app = app
+        cli.main()
+        print("after main")
+        """
+    )
+    assert res.returncode == status
+    assert stderr in res.stderr
+    assert ("after main" in res.stdout) == (status == 0)

@@ -55,12 +55,15 @@ for command in (
 
 def main() -> None:
     """The ``wsimil`` command; the process then ends without the interpreter's teardown."""
-    code = 1  # an uncaught error: Python prints its traceback, the status is 1
     try:
         app()
-        code = 0
     except SystemExit as exc:
-        code = fast_exit.exit_status(exc.code)
+        fast_exit.arm(fast_exit.exit_status(exc.code))
         raise
-    finally:
-        fast_exit.arm(code)
+    except KeyboardInterrupt:
+        raise  # not armed: Python ends the process by SIGINT, as a shell expects
+    except BaseException:
+        fast_exit.arm(1)  # an uncaught error: Python prints its traceback, the status is 1
+        raise
+    else:
+        fast_exit.arm(0)
