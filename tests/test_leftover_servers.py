@@ -160,3 +160,19 @@ def test_the_work_given_to_prefect_api_runs_once_while_its_server_boots(monkeypa
         (during,) = seen  # once
         assert during  # the server process was already running
     assert not any(alive(pid) for pid in during)  # and it is gone with the block
+
+
+def test_the_temporary_servers_output_goes_to_its_log_not_the_commands_console(monkeypatch, capfd):
+    """A command's console holds its own lines only; the server's are in PREFECT_HOME."""
+    from prefect.settings import get_current_settings
+
+    from wsimil.runtime import SERVER_LOG, prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PYTHONVERBOSE", "1")  # the server (a child) prints every import
+    log = Path(get_current_settings().home) / SERVER_LOG
+    with prefect_api() as url:
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    out, err = capfd.readouterr()
+    assert "import '" not in out + err  # no verbose-import line here ...
+    assert "import '" in log.read_text(errors="replace")  # ... they are in the log

@@ -6,7 +6,8 @@
 - Prefect runs without a server unless ``PREFECT_API_URL`` is set; its temporary server
   gets 120 s to start (Prefect's 20 s is too short on a busy 2-core machine). For the
   flows the CLI runs, :func:`prefect_api` starts that server itself, bound to the CLI's
-  life: Prefect's own outlives a ``kill -9`` of its parent.
+  life (Prefect's own outlives a ``kill -9`` of its parent), its output in
+  ``PREFECT_HOME/temporary-server.log``.
 - Prefect's console handler shows warnings and errors only
   (``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=WARNING``): its INFO lines, two per slide
   ("Finished in state Completed()"), stay out of the terminal but still reach the Prefect
@@ -29,6 +30,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+SERVER_LOG = "temporary-server.log"  # in PREFECT_HOME: the last temporary server's output
 
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -120,7 +123,8 @@ def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str |
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
     )
-    server, url = _start_bound_server(env, float(startup_s), meanwhile)
+    log_path = Path(get_current_settings().home) / SERVER_LOG
+    server, url = _start_bound_server(env, float(startup_s), log_path, meanwhile)
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             try:
@@ -141,9 +145,17 @@ def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str |
 
 
 def _start_bound_server(
-    env: dict[str, str], timeout_s: float, meanwhile: Callable[[], object] | None = None
+    env: dict[str, str],
+    timeout_s: float,
+    log_path: Path,
+    meanwhile: Callable[[], object] | None = None,
 ) -> tuple[subprocess.Popen, str]:
+    """The server, its output in ``log_path`` (overwritten each start), not the terminal:
+    the command's console stays its own, without the server's lines (a shutdown with DB
+    tasks in flight logged ``asyncio - Task was destroyed but it is pending!`` there)."""
     import httpx
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -153,7 +165,9 @@ def _start_bound_server(
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
                "--lifespan", "on"]  # fmt: skip
-        server = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent())
+        with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+            server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      preexec_fn=die_with_parent())  # fmt: skip
         url = f"http://127.0.0.1:{port}/api"
         if meanwhile is not None:  # while the server boots; once, whatever the attempts
             meanwhile, work = None, meanwhile
@@ -176,6 +190,7 @@ def _start_bound_server(
         server.wait()
         raise RuntimeError(
             f"Prefect's temporary server did not answer within {timeout_s:.0f} s (exit code "
-            f"{server.returncode}); raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or "
-            "start `prefect server start` and set PREFECT_API_URL"
+            f"{server.returncode}; its log: {log_path}); raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or start `prefect server start` "
+            "and set PREFECT_API_URL"
         )
