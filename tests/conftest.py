@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from wsimil import cpu_isa
+
+# The CPU kernels every wsimil process uses (the CLI pins them first thing): in-process
+# results then equal the CLI's and the pinned golden values on any CPU (wsimil/cpu_isa.py).
+cpu_isa.pin()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_train import SMALL, make_bags
 
+from wsimil import cpu_isa
 from wsimil.config import TrainConfig
 from wsimil.experiment.crossval import run_crossval, weights_sha256
 from wsimil.train.splits import make_splits
@@ -57,6 +58,7 @@ def test_crossval_run_is_tracked_with_lineage(tmp_path, tracking, repo_root):
     assert tags["model_family"] == "abmil" and tags["data_version"] == "abc123"
     assert tags["seed"] == "1" and tags["git_dirty"] in {"true", "false"}
     assert len(tags["git_commit"]) == 40
+    assert tags["cpu_kernels"] == cpu_isa.in_use() and tags["cpu_model"]  # what reproduce checks
     for m in ("acc", "f1", "auc"):
         assert f"cv_{m}_mean" in parent.data.metrics and f"cv_{m}_std" in parent.data.metrics
     assert parent.data.params["train.epochs"] == "3"

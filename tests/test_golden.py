@@ -11,7 +11,9 @@ When a change alters them on purpose: bump the rule and replace its values here 
 failing assertion prints the new ones). When it alters them by accident, it is a bug.
 
 The values were computed once, on CPU (resnet18, random weights, init_seed 0, batch 16,
-float32), and are the same with 1 or 2 threads.
+float32), and are the same with 1 or 2 threads. They hold on AVX2 and AVX-512 machines
+alike because the CPU kernels are pinned to AVX2 (``wsimil/cpu_isa.py``, applied by
+conftest.py as by the CLI); unpinned, an AVX-512 machine embeds other bits and fails here.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from wsimil.cli import fast_exit  # first: its exit handler must run after every
 # isort: on
 import typer
 
+from wsimil import cpu_isa
 from wsimil.cli import extract, project, registry, train
 
 app = typer.Typer(
@@ -54,7 +55,17 @@ for command in (
 
 
 def main() -> None:
-    """The ``wsimil`` command; the process then ends without the interpreter's teardown."""
+    """The ``wsimil`` command; the process then ends without the interpreter's teardown.
+
+    First of all, the CPU kernels are pinned (:mod:`wsimil.cpu_isa`), before any command
+    can run a torch kernel.
+    """
+    try:
+        cpu_isa.pin()
+    except cpu_isa.CpuIsaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        fast_exit.arm(2)
+        raise SystemExit(2) from None
     try:
         app()
     except SystemExit as exc:

@@ -23,11 +23,12 @@ def doctor(
 
     import torch
 
-    from wsimil import __version__
+    from wsimil import __version__, cpu_isa
 
     typer.echo(f"wsimil {__version__}  python {sys.version.split()[0]}  torch {torch.__version__}")
     cuda = torch.cuda.is_available()
     typer.echo(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}")
+    typer.echo(f"CPU kernels: {cpu_isa.in_use()} ({cpu_isa.cpu_model()}; {cpu_isa.ENV})")
     typer.echo(f"project root: {root}")
     typer.echo(f"params: {params_path} ({len(type(params).model_fields)} sections, valid)")
     typer.echo(f"MLflow tracking: {os.environ['MLFLOW_TRACKING_URI']}")

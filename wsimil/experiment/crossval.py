@@ -292,11 +292,13 @@ def run_crossval(
 
 def _run_tags(family, train_cfg, splits, scales, lineage, root) -> dict[str, str]:
     """The lineage every run and fold of a cross-validation carries (SPEC §6)."""
-    from wsimil import __version__
+    from wsimil import __version__, cpu_isa
 
     return {
         **git_state(root),
         **lineage,
+        "cpu_kernels": cpu_isa.in_use(),
+        "cpu_model": cpu_isa.cpu_model(),
         "seed": str(train_cfg.seed),
         "model_family": family,
         "wsimil_version": __version__,

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
+from wsimil import cpu_isa
 from wsimil.experiment.lineage import (
     METRICS_FILE,
     ReproduceError,
@@ -146,6 +147,7 @@ def reproduce(
                 say(f"data: restored; every file matches data version {tags['data_version']}")
             store = f"sqlite:///{(tmp / 'mlruns.db').as_posix()}"
             code = _code(src, commit, tags.get("wsimil_version"), say, warn)
+            _check_cpu_kernels(tags, warn)
             rerun(wt_root, family, trial, store, code, say)
             reproduced = _only_crossval_run(MlflowClient(store, store))
             report.rows = compare(recorded, reproduced)
@@ -369,6 +371,22 @@ def _code(src: Path, commit: str, recorded_version: str | None, say, warn) -> Pa
             f"{installed}: differences may come from the code, not the data"
         )
     return None
+
+
+def _check_cpu_kernels(tags: dict[str, str], warn) -> None:
+    """Warn when the run computed with other CPU kernels than this process's (its rerun's)."""
+    recorded, here = tags.get("cpu_kernels"), cpu_isa.in_use()
+    if recorded is None or recorded == here:
+        return
+    like = (
+        f"set {cpu_isa.ENV}={recorded}"
+        if recorded in cpu_isa.PINS
+        else f"rerun with {cpu_isa.ENV}=native on a CPU with the run's instruction set"
+    )
+    warn(
+        f"the run computed with CPU kernels '{recorded}' (on {tags.get('cpu_model', 'a CPU')}), "
+        f"this rerun with '{here}': the last bits may differ; {like} to compare like with like"
+    )
 
 
 def rerun(

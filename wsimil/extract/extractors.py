@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wsimil import cpu_isa
 from wsimil.device import DeviceError, resolve_device
 from wsimil.extract.cache import TORCHSCRIPT_SUFFIXES
 from wsimil.extract.extractor_files import sha256_file, state_dict_extractor, torchscript_extractor
@@ -231,6 +232,10 @@ def shared_extractor(cfg, tile_px: int) -> Extractor:
     kept, so a long-lived worker that switches extractors frees the previous one. A weights
     or TorchScript file that changed on disk gives a new key, so it is rebuilt.
     """
+    try:  # a Dask worker or a Prefect deployment's process embeds here first
+        cpu_isa.pin()
+    except cpu_isa.CpuIsaError as exc:
+        raise ExtractorError(str(exc)) from None
     use_deterministic_algorithms(cfg.deterministic)  # features.deterministic (GPU kernels)
     key = _shared_key(cfg, tile_px)
     with _shared_lock:  # concurrent first calls build once; the others wait for it

@@ -49,6 +49,7 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_DOES_NOT_EXIST,
 )
 
+from wsimil import cpu_isa
 from wsimil.config import ServeConfig
 from wsimil.serve.fold_ensemble import FoldEnsemble
 from wsimil.serve.limits import guard_scoring_server
@@ -66,6 +67,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
     """See the module docstring."""
 
     def load_context(self, context) -> None:
+        cpu_isa.pin()  # before the first kernel: the same CPU kernels as the pipeline's runs
         self.settings = ServeConfig.model_validate(context.model_config or {})
         bundle = Path(context.artifacts[BUNDLE])
         self.ensemble = FoldEnsemble.load(bundle / "models", self.settings.device)
