@@ -198,4 +198,7 @@ takes the upper cell. Off the boundaries both agree (tests/test_deformable.py)."
 
 
 if __name__ == "__main__":
+    from wsimil import cpu_isa
+
+    cpu_isa.pin()  # the kernels the pipeline computes with (wsimil/cpu_isa.py)
     main()

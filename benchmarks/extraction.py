@@ -200,4 +200,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from wsimil import cpu_isa
+
+    cpu_isa.pin()  # the kernels the pipeline computes with (wsimil/cpu_isa.py)
     main()

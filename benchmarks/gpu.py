@@ -231,4 +231,7 @@ def table(rows: list[tuple]) -> str:
 
 
 if __name__ == "__main__":
+    from wsimil import cpu_isa
+
+    cpu_isa.pin()  # the kernels the pipeline computes with (wsimil/cpu_isa.py)
     main()
