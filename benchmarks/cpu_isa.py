@@ -84,7 +84,7 @@ def main() -> None:
 
     from wsimil import cpu_isa
 
-    base = {k: v for k, v in os.environ.items() if k not in (cpu_isa.ENV, *cpu_isa.PINS["avx2"])}
+    base = cpu_isa.unpinned(os.environ)
     cmd = [sys.executable, __file__, "--worker", "--slides", str(args.slides)]
     cmd += ["--tiles", str(args.tiles), "--threads", str(args.threads)]
     runs: dict[str, list[dict]] = {c: [] for c in args.choices}

@@ -23,7 +23,7 @@ X86 = cpu_isa.platform.machine().lower() in ("x86_64", "amd64")
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in (cpu_isa.ENV, *cpu_isa.PINS["avx2"]):
+    for key in (cpu_isa.ENV, *cpu_isa.LIBRARY_VARIABLES):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -66,9 +66,11 @@ def test_pin_sets_the_three_libraries_and_a_variable_set_by_hand_wins(clean_env)
 
 
 def _fresh(code: str, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in (cpu_isa.ENV, *cpu_isa.PINS["avx2"])}
     return subprocess.run(
-        [sys.executable, *code.split()], env={**base, **env}, capture_output=True, text=True
+        [sys.executable, *code.split()],
+        env={**cpu_isa.unpinned(os.environ), **env},
+        capture_output=True,
+        text=True,
     )
 
 

@@ -23,9 +23,11 @@ conftest; the processes they start inherit it. Runs record the kernels they used
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ENV = "WSIMIL_CPU_ISA"
@@ -44,6 +46,7 @@ PINS: dict[str, dict[str, str]] = {
     },
     "native": {},
 }
+LIBRARY_VARIABLES = tuple(PINS["avx2"])  # the same three names in every choice
 NEEDS = {
     "avx2": {"avx2", "fma"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
@@ -55,16 +58,30 @@ class CpuIsaError(ValueError):
     """``WSIMIL_CPU_ISA`` names no choice, or one this CPU lacks."""
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
-    """The CPU's feature flags (Linux), or None where they cannot be read."""
+def unpinned(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without ``WSIMIL_CPU_ISA`` and the libraries' variables: for a child
+    process that is to pin by its own choice."""
+    drop = (ENV, *LIBRARY_VARIABLES)
+    return {k: v for k, v in environ.items() if k not in drop}
+
+
+@functools.cache
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` line of ``/proc/cpuinfo`` (Linux), read once per process."""
     try:
-        text = cpuinfo.read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
+        if line.startswith(key):
+            return line.partition(":")[2].strip()
     return None
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 def choice(flags: set[str] | None = None, machine: str | None = None) -> str:
@@ -125,16 +142,10 @@ def in_use() -> str:
         pinned = pins and all(os.environ.get(k) == v for k, v in pins.items())
         if pinned and capability.lower() == pins["ATEN_CPU_CAPABILITY"]:
             return name
-    by_hand = [f"{k}={os.environ[k]}" for k in PINS["avx2"] if k in os.environ]
+    by_hand = [f"{k}={os.environ[k]}" for k in LIBRARY_VARIABLES if k in os.environ]
     return f"native ({', '.join([capability, *by_hand])})"
 
 
 def cpu_model() -> str:
     """The processor's name (Linux ``model name``), else the platform's, for run tags."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or sys.platform
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or sys.platform
